@@ -1,0 +1,182 @@
+"""Augmentation: the seed pipelines in albumentations 2.0.8, and the seed-001 pipeline on GPU batches.
+
+Seed 001 (train):  pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
+                   -> CoarseDropout, one 8x8 hole filled with the dataset mean
+                   -> Normalize(mean, std) -> ToTensorV2
+Seed 004 (train):  HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
+Test:              Normalize -> ToTensorV2
+
+Default probabilities follow seed 001: the pad-and-crop, the flip and the cutout each
+happen to half of the images. `BatchAugment` does the seed-001 transforms on whole uint8
+batches already on the training device, drawing the same distributions.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check, nothing on stderr
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+from .errors import ConfigError, require_probability  # noqa: E402
+
+# ----------------------------------------------------------------------------------------
+# Defaults (seed 001)
+# ----------------------------------------------------------------------------------------
+PAD = 4            # 32 + 2*4 = 40, then a random 32x32 crop: 9x9 possible offsets
+HOLE = 8           # one 8x8 cutout hole, wholly inside the image
+CROP_P = 0.5       # seed 001: "RandomCrop is applied on half of the images"
+FLIP_P = 0.5
+CUTOUT_P = 0.5     # seed 001: "CoarseDropout is applied on half of the images"
+SHIFT = 0.1        # seed 004: "slight" width/height shift, as a fraction of the side
+ROTATE = 17        # seed 004: rotation range in degrees
+
+
+def _check_stats(mean, std) -> None:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(f"mean and std need 3 channel values with std > 0, got {mean}, {std}")
+
+
+def mean_fill(mean) -> tuple[int, int, int]:
+    """The dataset mean as a uint8 pixel: what the cutout hole is filled with."""
+    return tuple(int(round(m * 255)) for m in mean)
+
+
+# ----------------------------------------------------------------------------------------
+# albumentations pipelines (2.x argument names: wrong names are only warned about)
+# ----------------------------------------------------------------------------------------
+def train_transforms(mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
+                     cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE) -> A.Compose:
+    """Seed 001's training pipeline; returns a CHW float tensor."""
+    _check_stats(mean, std)
+    for name, p in (("crop_p", crop_p), ("flip_p", flip_p), ("cutout_p", cutout_p)):
+        require_probability(name, p)
+    if not 0 < hole <= 32 or pad < 0:
+        raise ConfigError(f"hole must be in 1..32 and pad >= 0, got hole={hole}, pad={pad}")
+    return A.Compose([
+        A.Sequential([
+            A.PadIfNeeded(min_height=32 + 2 * pad, min_width=32 + 2 * pad,
+                          border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(height=32, width=32),
+        ], p=crop_p),
+        A.HorizontalFlip(p=flip_p),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole),
+                        hole_width_range=(hole, hole), fill=mean_fill(mean), p=cutout_p),
+        A.Normalize(mean=mean, std=std),
+        ToTensorV2(),
+    ])
+
+
+def test_transforms(mean, std) -> A.Compose:
+    """Normalize with the training set's statistics, then a CHW float tensor."""
+    _check_stats(mean, std)
+    return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
+
+
+def seed004_transforms(mean, std, flip_p: float = FLIP_P, shift: float = SHIFT,
+                       rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
+    """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
+
+    Keras fills uncovered pixels with the nearest edge pixel ('nearest'), here BORDER_REPLICATE.
+    """
+    _check_stats(mean, std)
+    require_probability("flip_p", flip_p)
+    require_probability("affine_p", affine_p)
+    if not 0 <= shift < 0.5 or not 0 <= rotate <= 180:
+        raise ConfigError(f"shift must be in [0, 0.5) and rotate in [0, 180], got {shift}, {rotate}")
+    return A.Compose([
+        A.HorizontalFlip(p=flip_p),
+        A.Affine(translate_percent={"x": (-shift, shift), "y": (-shift, shift)},
+                 rotate=(-rotate, rotate), border_mode=cv2.BORDER_REPLICATE, p=affine_p),
+        A.Normalize(mean=mean, std=std),
+        ToTensorV2(),
+    ])
+
+
+AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms,
+                 "none": test_transforms}
+
+
+def transforms_for(name: str, mean, std, **options) -> A.Compose:
+    """The training pipeline called `name` ('seed001', 'seed004' or 'none')."""
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augmentation {name!r}: choose {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name](mean, std, **options)
+
+
+def denormalize(x, mean, std) -> np.ndarray:
+    """Undo Normalize for display: a CHW (or NCHW) tensor -> HWC (or NHWC) uint8 array."""
+    t = torch.as_tensor(x).detach().float().cpu()
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    t = (t * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return t.movedim(-3, -1).numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# The fast path: seed 001's transforms on whole batches, on the training device
+# ----------------------------------------------------------------------------------------
+class BatchAugment:
+    """Pad-and-crop, flip and one cutout hole for a uint8 batch (N, 32, 32, 3) on any device.
+
+    Each image draws, like the albumentations pipeline: a crop offset uniform over the
+    (2*pad+1)^2 positions with probability crop_p (else the centre, i.e. no crop); a flip
+    with probability flip_p; one hole x hole square wholly inside the image, its top-left
+    corner uniform over 0..32-hole, filled with the mean pixel, with probability cutout_p.
+    Returns normalised float NCHW. `sample` and `apply` are separate so that tests can
+    feed identical parameters to both implementations.
+    """
+
+    def __init__(self, mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
+                 cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE):
+        train_transforms(mean, std, crop_p, flip_p, cutout_p, pad, hole)  # same validation
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_p, self.flip_p, self.cutout_p, self.pad, self.hole = crop_p, flip_p, cutout_p, pad, hole
+
+    def sample(self, n: int, device, generator: torch.Generator | None = None) -> dict:
+        def rand(*shape):
+            return torch.rand(*shape, device=device, generator=generator)
+
+        def randint(high, *shape):
+            return torch.randint(0, high, shape, device=device, generator=generator)
+
+        crop = torch.where((rand(n) < self.crop_p)[:, None], randint(2 * self.pad + 1, n, 2),
+                           torch.full((n, 2), self.pad, device=device))
+        flip = rand(n) < self.flip_p
+        hole_yx = randint(32 - self.hole + 1, n, 2)
+        cutout = rand(n) < self.cutout_p
+        return {"crop_yx": crop, "flip": flip, "hole_yx": hole_yx, "cutout": cutout}
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        n, dev, p = images.shape[0], images.device, self.pad
+        x = images.permute(0, 3, 1, 2).float()                        # N, 3, 32, 32 in 0..255
+        if p:
+            x = F.pad(x, (p, p, p, p), mode="reflect")                 # == cv2.BORDER_REFLECT_101
+        ar = torch.arange(32, device=dev)
+        rows = (params["crop_yx"][:, 0:1] + ar)[:, None, :, None]      # N, 1, 32, 1
+        cols = (params["crop_yx"][:, 1:2] + ar)[:, None, None, :]      # N, 1, 1, 32
+        x = x[torch.arange(n, device=dev)[:, None, None, None],
+              torch.arange(3, device=dev)[None, :, None, None], rows, cols]
+        x = torch.where(params["flip"][:, None, None, None], x.flip(3), x)
+        hy, hx = params["hole_yx"][:, 0:1], params["hole_yx"][:, 1:2]
+        in_rows = (ar >= hy) & (ar < hy + self.hole)                   # N, 32
+        in_cols = (ar >= hx) & (ar < hx + self.hole)
+        hole = in_rows[:, :, None] & in_cols[:, None, :] & params["cutout"][:, None, None]
+        fill = torch.tensor(mean_fill(self.mean), device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+        x = torch.where(hole[:, None], fill, x)
+        return normalize_batch(x, self.mean, self.std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0], images.device, generator))
+
+
+def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x / 255 - mean) / std for a float NCHW batch in 0..255, as A.Normalize does."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s

@@ -1,0 +1,126 @@
+"""Checkpoints: save atomically, load with clear errors, rebuild the model they record.
+
+A checkpoint is a dict saved with torch.save:
+  arch       the model name for helpers.models.get_model ("resnet9", "vgg", "compact")
+  model      the state_dict (unwrapped from DDP and torch.compile)
+  optimizer, scheduler, scaler, epoch, history, config, rng   (training checkpoints)
+  metrics    optional, e.g. the test accuracy of a shipped model
+Only plain types and tensors are stored, so it loads with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .models import MODELS, get_model
+
+FORMAT = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    """Every global random state a training run draws from: python, numpy, torch (and CUDA)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *map(_plain, np_state[2:])),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(path, model: nn.Module, arch: str, **fields) -> Path:
+    """Write {arch, model state, **fields} to `path` atomically (temporary file, then rename).
+
+    A crash during the write leaves any previous checkpoint at `path` intact.
+    """
+    if arch not in MODELS:
+        raise CheckpointError(f"unknown architecture {arch!r}: choose one of {', '.join(MODELS)}")
+    path = Path(path)
+    state = {"format": FORMAT, "arch": arch, "model": unwrap(model).state_dict(), **fields}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror}): "
+                              "choose a writable folder with --checkpoints") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with "
+                              "`python -m helpers train --serialize` or check the path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file "
+                              f"({type(e).__name__}): train again or restore a good copy") from None
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
+                              "save models with helpers.checkpoint.save_checkpoint")
+    return ckpt
+
+
+def load_model(path, device="cpu", expect_arch: str | None = None):
+    """Rebuild the recorded architecture, load its weights (as float32) and return (model, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    arch = ckpt["arch"]
+    if arch not in MODELS:
+        raise CheckpointError(f"checkpoint {path} records unknown architecture {arch!r}")
+    if expect_arch is not None and arch != expect_arch:
+        raise CheckpointError(f"checkpoint {path} holds a {arch} model, not {expect_arch}: "
+                              f"use --model {arch} or a {expect_arch} checkpoint")
+    model = get_model(arch)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise CheckpointError(f"the weights in {path} do not fit the {arch} architecture: "
+                              "the file was saved from a different model") from None
+    return model.to(device).eval(), ckpt

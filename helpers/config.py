@@ -1,0 +1,157 @@
+"""Settings: the seed recipes as plain, commented defaults, and the smoke-test switch.
+
+Everything a run can change lives in one `Recipe`. `recipe("resnet9")` returns seed 001's
+recipe; with `SMOKE_TEST=1` in the environment it is shrunk so that a CPU finishes in
+seconds (about 1,000 train and 500 test images, few epochs, a short LR range test).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, require_positive
+
+# ----------------------------------------------------------------------------------------
+# Seed 001: the custom ResNet-9 with the OneCycle policy (the heart of the course)
+# ----------------------------------------------------------------------------------------
+BATCH_SIZE = 512          # 50,000 / 512 -> 98 steps per epoch
+EPOCHS = 24               # 98 * 24 = 2,352 steps in all
+PEAK_EPOCH = 5            # LR peaks at the end of epoch 5 (step 490 of 2,352)
+LR_MAX = 2.54e-3          # seed 001's LR range-test suggestion for Adam at batch 512
+LR_MIN = LR_MAX / 10      # the LR at step 0 and at the last step: no annihilation below it
+OPTIMIZER = "adam"        # Adam with PyTorch defaults (betas 0.9, 0.999), no weight decay
+# loss: CrossEntropyLoss on the logits (the model's "SoftMax" lives inside the loss)
+
+# ----------------------------------------------------------------------------------------
+# Smoke mode: SMOKE_TEST=1 turns every run into a quick real-data check for CI and CPUs
+# ----------------------------------------------------------------------------------------
+SMOKE_TRAIN_PER_CLASS = 100   # 1,000 train images
+SMOKE_TEST_PER_CLASS = 50     # 500 test images
+SMOKE_EPOCHS = 2
+SMOKE_LR_FINDER_ITERS = 8     # full runs use 100 iterations
+LR_FINDER_ITERS = 100
+SMOKE_BATCH_SIZE = 128        # keeps several steps per epoch on the 1,000-image subset
+
+
+def smoke_mode() -> bool:
+    """True when the environment variable SMOKE_TEST is set to 1/true/yes."""
+    return os.environ.get("SMOKE_TEST", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Recipe:
+    """One training recipe: the model and every setting that shapes its run."""
+
+    model: str = "resnet9"
+    optimizer: str = OPTIMIZER       # "adam", "sgd" or "nadam"
+    lr: float = LR_MAX               # the peak LR under OneCycle, the constant LR otherwise
+    lr_min: float | None = None      # OneCycle's floor; None means lr / 10
+    schedule: str = "onecycle"       # "onecycle" or "constant"
+    peak_epoch: int = PEAK_EPOCH
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE
+    test_batch_size: int = 1024
+    momentum: float = 0.9            # SGD momentum (Adam/NAdam use it as beta1)
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "seed001"         # "seed001", "seed004" or "none"
+    early_stopping_patience: int | None = None   # epochs without improvement, None = off
+    val_split: float = 0.0           # fraction of train held out for early stopping
+    tta_flip: bool = False           # average predictions over the image and its mirror
+    seed: int = 0
+    notes: str = ""
+
+    def validate(self) -> "Recipe":
+        """Raise ConfigError for values no run can use."""
+        from .models import MODELS
+
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        if self.optimizer not in {"adam", "sgd", "nadam"}:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose adam, sgd or nadam")
+        if self.schedule not in {"onecycle", "constant"}:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose onecycle or constant")
+        if self.augment not in {"seed001", "seed004", "none"}:
+            raise ConfigError(f"unknown augmentation {self.augment!r}: choose seed001, seed004 or none")
+        for name in ("epochs", "batch_size", "test_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            require_positive(name, value)
+        require_positive("learning rate", self.lr, " (try the LR finder's suggestion, e.g. 2.5e-3)")
+        if self.lr_min is not None:
+            require_positive("lr_min", self.lr_min)
+        if not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}")
+        if self.schedule == "onecycle" and not 1 <= self.peak_epoch <= self.epochs:
+            raise ConfigError(
+                f"peak epoch {self.peak_epoch} is outside 1..{self.epochs}: "
+                "choose a peak epoch no later than the last epoch")
+        return self
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# The recipes of the three seed systems, plus a tuned ResNet-9 recipe
+# ----------------------------------------------------------------------------------------
+RECIPES: dict[str, Recipe] = {
+    # seed 001: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512
+    "resnet9": Recipe(notes="seed 001: custom ResNet, Adam, OneCycle, pad-crop/flip/cutout"),
+    # Page's tuned choices. He used weight decay 5e-4 x 512 on a summed loss with the LR
+    # divided by 512; on PyTorch's mean loss that is exactly LR 0.4 with weight decay 5e-4.
+    "resnet9-tuned": Recipe(
+        optimizer="sgd", lr=0.4, nesterov=True, momentum=0.9, weight_decay=5e-4,
+        label_smoothing=0.2, tta_flip=True,
+        notes="Page's tuned recipe: SGD Nesterov, weight decay 5e-4, label smoothing 0.2, flip TTA"),
+    # seed 003: VGG-style CNN, SGD (momentum 0.9) at LR 0.001 for 15 epochs, no augmentation
+    "vgg": Recipe(
+        model="vgg", optimizer="sgd", lr=1e-3, momentum=0.9, schedule="constant", epochs=15,
+        batch_size=64, test_batch_size=8, augment="none",
+        notes="seed 003: VGG-style CNN, SGD momentum 0.9, LR 0.001, 15 epochs"),
+    # seed 004: compact CNN, NAdam 0.0025 at batch 64, flip/shift/rotate, early stopping
+    "compact": Recipe(
+        model="compact", optimizer="nadam", lr=2.5e-3, schedule="constant", epochs=200,
+        batch_size=64, test_batch_size=1024, augment="seed004", early_stopping_patience=35,
+        val_split=0.1,
+        notes="seed 004: compact CNN, NAdam 0.0025, batch 64, early stopping (patience 35 of 200)"),
+}
+
+
+def recipe(name: str = "resnet9", smoke: bool | None = None, **changes) -> Recipe:
+    """The named recipe, shrunk for smoke mode (default: the SMOKE_TEST variable)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    r = dataclasses.replace(RECIPES[name])
+    if smoke_mode() if smoke is None else smoke:
+        r = r.replace(epochs=SMOKE_EPOCHS, batch_size=min(r.batch_size, SMOKE_BATCH_SIZE),
+                      peak_epoch=1, test_batch_size=max(r.test_batch_size, 256))
+        if r.early_stopping_patience is not None:
+            r.early_stopping_patience = 1
+    return r.replace(**changes).validate()
+
+
+# ----------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = Path("data")                    # torchvision download target (./data)
+DEFAULT_CHECKPOINT_DIR = Path("models")            # where `train --serialize` writes
+SHIPPED_MODEL = REPO_ROOT / "models" / "resnet9_cifar10.pt"
+ARTIFACTS_DIR = REPO_ROOT / "artifacts"            # notebook outputs shared between notebooks
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are cached: $CIFAR10_CACHE, else the user's cache folder."""
+    if os.environ.get("CIFAR10_CACHE"):
+        return Path(os.environ["CIFAR10_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cifar10-course"

@@ -1,0 +1,511 @@
+"""Data: load CIFAR-10 from any source, check it, describe it, and feed it to a model.
+
+Sources, in the order `load_cifar10()` looks for them:
+  1. the `root` argument,
+  2. the `CIFAR10_DIR` environment variable,
+  3. `./data`, downloading torchvision's CIFAR-10 there if needed (what Colab users get).
+A root can be torchvision's folder (holding `cifar-10-batches-py/`) or an image-folder tree
+`<root>/train/<class>/*.png|jpg` and `<root>/test/<class>/*`. An image-folder tree is
+decoded once and cached as arrays under the user's cache folder, so later loads of the
+full dataset take about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import config
+from .errors import ConfigError, DatasetError, require_positive
+
+# ----------------------------------------------------------------------------------------
+# What CIFAR-10 is
+# ----------------------------------------------------------------------------------------
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")          # label order 0..9
+FULL_COUNTS = {"train": 50_000, "test": 10_000}
+IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+HINT = "set CIFAR10_DIR to a local copy (a torchvision CIFAR-10 folder or a train/<class>, test/<class> image tree)"
+
+
+@dataclass
+class CIFAR10Data:
+    """The images as uint8 arrays (N, 32, 32, 3), integer labels, and the class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple = CLASSES
+    source: str = ""
+
+    @cached_property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of the training images, on the 0..1 scale."""
+        return channel_stats(self.train_images)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.stats[1]
+
+    def subset(self, train_per_class: int, test_per_class: int, seed: int = 0) -> "CIFAR10Data":
+        """A seeded, stratified subset: `train_per_class` and `test_per_class` images per class.
+
+        The mean and std stay those of the full training set.
+        """
+        tr = stratified_indices(self.train_labels, train_per_class, seed)
+        te = stratified_indices(self.test_labels, test_per_class, seed)
+        sub = CIFAR10Data(self.train_images[tr], self.train_labels[tr],
+                          self.test_images[te], self.test_labels[te], self.classes,
+                          f"{self.source} (subset {train_per_class}+{test_per_class} per class, seed {seed})")
+        sub.__dict__["stats"] = self.stats
+        return sub
+
+    def smoke_subset(self, seed: int = 0) -> "CIFAR10Data":
+        """The small real-data subset that smoke mode (SMOKE_TEST=1) trains on."""
+        return self.subset(config.SMOKE_TRAIN_PER_CLASS, config.SMOKE_TEST_PER_CLASS, seed)
+
+    def split_validation(self, fraction: float, seed: int = 0):
+        """Split off a stratified validation set: (train_images, train_labels, val_images, val_labels)."""
+        n_per_class = int(round(fraction * len(self.train_labels) / len(self.classes)))
+        if not 0 < n_per_class < len(self.train_labels) // len(self.classes):
+            raise ConfigError(f"validation fraction {fraction} leaves no train or no validation images")
+        val = stratified_indices(self.train_labels, n_per_class, seed)
+        keep = np.setdiff1d(np.arange(len(self.train_labels)), val)
+        return (self.train_images[keep], self.train_labels[keep],
+                self.train_images[val], self.train_labels[val])
+
+    def counts(self, split: str = "train") -> dict[str, int]:
+        """Images per class name in 'train' or 'test'."""
+        labels = self.train_labels if split == "train" else self.test_labels
+        return {c: int(n) for c, n in zip(self.classes, np.bincount(labels, minlength=len(self.classes)))}
+
+
+def channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, H, W, C), scaled to 0..1, in float64."""
+    if images.ndim != 4 or len(images) == 0:
+        raise ConfigError(f"expected a non-empty (N, H, W, C) image array, got shape {images.shape}")
+    total = np.zeros(images.shape[-1])
+    total_sq = np.zeros(images.shape[-1])
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+    n = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / n
+    std = np.sqrt(total_sq / n - mean ** 2)
+    return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
+
+
+def stratified_indices(labels: np.ndarray, n_per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random sample of `n_per_class` items from every class."""
+    labels = np.asarray(labels)
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, (int, np.integer)) or n_per_class <= 0:
+        raise ConfigError(f"images per class must be a positive whole number, got {n_per_class!r}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if n_per_class > len(idx):
+            raise ConfigError(f"asked for {n_per_class} images of class {int(c)} but the data holds "
+                              f"only {len(idx)}: ask for at most {len(idx)} per class")
+        picked.append(rng.choice(idx, n_per_class, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------
+def load_cifar10(root: str | os.PathLike | None = None, download: bool = True,
+                 expect_full: bool = False, cache: bool = True) -> CIFAR10Data:
+    """Load CIFAR-10 as uint8 arrays, from `root`, else $CIFAR10_DIR, else ./data (downloading).
+
+    `expect_full=True` also requires the full 50,000 + 10,000 images. Any problem raises
+    DatasetError with a one-line message naming the path and how to fix it.
+    """
+    kind, path = _resolve_source(root, download)
+    if kind == "imagefolder":
+        data = _load_image_folder(path, cache=cache)
+    else:
+        data = _load_torchvision(path, download=download)
+    _validate(data, path, expect_full)
+    return data
+
+
+def _resolve_source(root, download: bool) -> tuple[str, Path]:
+    from_env = root is None and bool(os.environ.get("CIFAR10_DIR"))
+    if root is None:
+        root = os.environ.get("CIFAR10_DIR") or config.DEFAULT_DATA_DIR
+    path = Path(root).expanduser()
+    if (path / "train").is_dir() or (path / "test").is_dir():
+        return "imagefolder", path
+    if path.name == "cifar-10-batches-py" and path.is_dir():
+        return "torchvision", path.parent
+    if (path / "cifar-10-batches-py").is_dir():
+        return "torchvision", path
+    if from_env and not path.exists():
+        raise DatasetError(f"CIFAR10_DIR={path} does not exist: point it at a local CIFAR-10 copy")
+    if not download:
+        what = "does not exist" if not path.exists() else "holds neither train/ and test/ image folders nor cifar-10-batches-py/"
+        raise DatasetError(f"dataset folder {path} {what}: {HINT}, or allow download")
+    if from_env:
+        raise DatasetError(f"CIFAR10_DIR={path} holds neither train/ and test/ image folders "
+                           f"nor cifar-10-batches-py/: {HINT}")
+    return "torchvision", path
+
+
+def _load_torchvision(root: Path, download: bool) -> CIFAR10Data:
+    from torchvision.datasets import CIFAR10
+
+    batches = root / "cifar-10-batches-py"
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            ds = CIFAR10(str(root), train=split == "train", download=False)
+        except RuntimeError:
+            if not download or batches.exists():
+                raise DatasetError(f"CIFAR-10 batches in {batches} are missing or fail their checksum: "
+                                   f"delete that folder and download again, or {HINT}") from None
+            try:
+                ds = CIFAR10(str(root), train=split == "train", download=True)
+            except Exception as e:  # URLError, HTTPError, socket errors, checksum after download
+                raise DatasetError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: "
+                                   f"{str(e)[:80]}); if you are offline, {HINT}") from None
+        except Exception as e:  # unreadable pickles
+            raise DatasetError(f"cannot read CIFAR-10 batches in {batches} ({type(e).__name__}): "
+                               f"delete that folder and download again, or {HINT}") from None
+        splits[split] = (np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64))
+        classes = tuple(ds.classes)
+    if classes != CLASSES:
+        raise DatasetError(f"{batches} names classes {classes}, not CIFAR-10's: {HINT}")
+    return CIFAR10Data(*splits["train"], *splits["test"], CLASSES, f"torchvision CIFAR-10 at {root}")
+
+
+def _list_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
+    """Per split, per class (CIFAR-10 order), the image files, checked for layout."""
+    listing = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DatasetError(f"missing folder {split_dir}: an image-folder copy needs train/ and test/; {HINT}")
+        found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        extra = sorted(set(found) - set(CLASSES))
+        if extra:
+            raise DatasetError(f"unknown class folder {split_dir / extra[0]}: CIFAR-10 has only "
+                               f"{', '.join(CLASSES)}; move it out of {split_dir}")
+        per_class = []
+        for c in CLASSES:
+            cdir = split_dir / c
+            if not cdir.is_dir():
+                raise DatasetError(f"missing class folder {cdir}: the copy is incomplete; copy it again or {HINT}")
+            files = sorted((e for e in os.scandir(cdir)
+                            if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                            and not e.name.startswith(".")), key=lambda e: e.name)
+            if not files:
+                raise DatasetError(f"class folder {cdir} holds no .png/.jpg images: copy it again or {HINT}")
+            per_class.append(files)
+        counts = [len(f) for f in per_class]
+        if len(set(counts)) > 1:
+            lo = int(np.argmin(counts))
+            raise DatasetError(f"partial copy: {split_dir / CLASSES[lo]} has {counts[lo]} images but other "
+                               f"classes have up to {max(counts)}; copy the dataset again")
+        listing[split] = per_class
+    return listing
+
+
+def _cache_key(root: Path, listing) -> str:
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for split, per_class in listing.items():
+        for files in per_class:
+            for e in files:
+                st = e.stat()
+                h.update(f"{split}/{e.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.size != (32, 32) or im.mode != "RGB":
+                raise DatasetError(f"{path} is {im.size[0]}x{im.size[1]} {im.mode}, not a 32x32 RGB image: "
+                                   "replace it with the original or remove it from every class equally")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"corrupt or truncated image {path} ({type(e).__name__}): "
+                           "copy the dataset again") from None
+
+
+def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
+    listing = _list_image_folder(root)
+    source = f"image folder {root}"
+    cache_file = config.cache_dir() / f"imagefolder-{_cache_key(root, listing)}.npz"
+    if cache and cache_file.exists():
+        try:
+            with np.load(cache_file) as z:
+                return CIFAR10Data(z["train_images"], z["train_labels"], z["test_images"],
+                                   z["test_labels"], CLASSES, source)
+        except Exception:
+            pass  # an unreadable cache is rebuilt below
+    arrays = {}
+    for split, per_class in listing.items():
+        paths = [e.path for files in per_class for e in files]
+        labels = np.repeat(np.arange(len(CLASSES)), [len(f) for f in per_class]).astype(np.int64)
+        images = np.empty((len(paths), *IMAGE_SHAPE), dtype=np.uint8)
+        for i, p in enumerate(_progress(paths, f"decoding {split} images ({root})")):
+            images[i] = _decode(p)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    if cache:
+        _save_cache(cache_file, arrays)
+    return CIFAR10Data(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                       arrays["test_labels"], CLASSES, source)
+
+
+def _progress(items, desc: str):
+    if len(items) < 5000:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, unit="img", leave=False, file=sys.stderr)
+
+
+def _save_cache(cache_file: Path, arrays: dict) -> None:
+    """Write the decoded arrays atomically; a read-only cache folder just means no cache."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+
+
+def _validate(data: CIFAR10Data, path: Path, expect_full: bool) -> None:
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+            raise DatasetError(f"{split} images in {path} have shape {images.shape[1:]} {images.dtype}, "
+                               f"not 32x32x3 uint8: {HINT}")
+        if len(images) != len(labels) or len(images) == 0:
+            raise DatasetError(f"{split} split in {path} has {len(images)} images and {len(labels)} labels: {HINT}")
+        if labels.min() < 0 or labels.max() >= len(CLASSES):
+            raise DatasetError(f"{split} labels in {path} fall outside 0..9: {HINT}")
+        if expect_full and len(images) != FULL_COUNTS[split]:
+            raise DatasetError(f"{path} holds {len(images):,} {split} images, not the full "
+                               f"{FULL_COUNTS[split]:,}: copy the dataset again or {HINT}")
+
+
+# ----------------------------------------------------------------------------------------
+# Feeding a model: a Dataset that augments, and loaders whose every epoch is reproducible
+# ----------------------------------------------------------------------------------------
+class AugmentedDataset(Dataset):
+    """uint8 images + labels; returns (transform(image) as a CHW float tensor, label).
+
+    `transform` is an albumentations Compose ending in ToTensorV2 (see helpers.augment).
+    Without one, images are scaled to 0..1. `recipe` optionally names the augmentation
+    parameters, so that the training engine can run the same augmentation on the GPU.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, recipe=None):
+        if len(images) != len(labels):
+            raise ConfigError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.transform, self.recipe = transform, recipe
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.transform is None:
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+        else:
+            x = self.transform(image=img)["image"]
+        return x, int(self.labels[i])
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's random stream from `seed`."""
+        # One shared stream for the whole pipeline. (Compose.set_random_seed would give every
+        # transform its own generator with the same seed, so flip and crop would move in step.)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            seed = int(seed) % 2**32
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def augmentation_state(self):
+        """The albumentations Compose's random state (numpy and python generators)."""
+        t = self.transform
+        if t is None or not hasattr(t, "random_generator"):
+            return None
+        return {"numpy": t.random_generator.bit_generator.state, "python": t.py_random.getstate()}
+
+    def set_augmentation_state(self, state) -> None:
+        if state is None or self.transform is None:
+            return
+        rng, py = np.random.default_rng(), random.Random()
+        rng.bit_generator.state = state["numpy"]
+        py.setstate(state["python"])
+        self.transform.set_random_state(rng, py)
+
+
+def _base_dataset(ds):
+    while hasattr(ds, "dataset") and not hasattr(ds, "reseed"):
+        ds = ds.dataset  # unwrap torch.utils.data.Subset
+    return ds
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Give every DataLoader worker its own augmentation stream.
+
+    albumentations keeps its random state inside the Compose, which each worker receives
+    as an identical copy; without this every worker would augment in lockstep. torch sets
+    each worker's seed to base_seed + worker_id, and base_seed changes every epoch.
+    """
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    ds = _base_dataset(info.dataset)
+    if hasattr(ds, "reseed"):
+        ds.reseed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's shuffling and augmentation, a pure function of its inputs."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader whose epoch e depends only on (seed, e, rank): call `set_epoch(e)` first.
+
+    That makes runs repeatable with any number of workers, and lets training resume in the
+    middle of a run and see exactly the batches it would have seen.
+    """
+
+    def __init__(self, dataset, *, seed: int = 0, rank: int = 0, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, worker_init_fn=worker_init_fn, **kwargs)
+        self.seed, self.rank = seed, rank
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        s = epoch_seed(self.seed, epoch, self.rank)
+        self.generator.manual_seed(s)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        if self.num_workers == 0:
+            ds = _base_dataset(self.dataset)
+            if hasattr(ds, "reseed"):
+                ds.reseed(s)
+
+
+def make_loader(images: np.ndarray, labels: np.ndarray, transform=None, *, batch_size: int = 512,
+                shuffle: bool = False, workers: int = 0, pin_memory: bool | None = None,
+                persistent_workers: bool = False, seed: int = 0, drop_last: bool = False,
+                distributed: bool = False, recipe=None) -> SeededLoader:
+    """A SeededLoader over an AugmentedDataset.
+
+    distributed=True splits the data across the ranks of torch.distributed with a
+    DistributedSampler; each rank then gets its own augmentation stream.
+    persistent_workers=True is faster between epochs but keeps each worker's random
+    stream running across epochs, so a resumed run is then no longer bit-identical.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ConfigError(f"batch size must be a whole number, got {batch_size!r}")
+    require_positive("batch size", batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers must be a whole number >= 0, got {workers!r}")
+    ds = AugmentedDataset(images, labels, transform, recipe)
+    rank, sampler = 0, None
+    if distributed:
+        rank = torch.distributed.get_rank()
+        sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return SeededLoader(ds, seed=seed, rank=rank, batch_size=batch_size, shuffle=shuffle,
+                        sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=persistent_workers and workers > 0, drop_last=drop_last)
+
+
+class DeviceLoader:
+    """The fast path: the uint8 training set lives on the device, and every batch is indexed,
+    augmented (helpers.augment.BatchAugment) and normalised there, with no worker processes.
+
+    Like SeededLoader, epoch e depends only on (seed, e): call `set_epoch(e)` first.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean, std,
+                 device, augment: str = "seed001", shuffle: bool = True, drop_last: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        from .augment import BatchAugment
+
+        require_positive("batch size", batch_size)
+        if augment not in ("seed001", "none"):
+            raise ConfigError(f"the GPU fast path implements the seed001 augmentation (or none), "
+                              f"not {augment!r}: drop --fast-augment for this recipe")
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(images).to(self.device)              # uint8, moved once
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = BatchAugment(mean, std) if augment == "seed001" else None
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.generator = torch.Generator(device=self.device)
+        self.set_epoch(0)
+
+    @classmethod
+    def from_loader(cls, loader, device) -> "DeviceLoader":
+        """The fast-path twin of a make_loader() training loader (same data, batch size, seed)."""
+        ds = _base_dataset(loader.dataset)
+        spec = getattr(ds, "recipe", None)
+        if spec is None:
+            raise ConfigError("fast_augment needs a loader from make_loader(..., recipe=...) "
+                              "(helpers.engine.build_loaders makes one)")
+        world = torch.distributed.get_world_size() if isinstance(loader.sampler, DistributedSampler) else 1
+        return cls(ds.images, ds.labels, loader.batch_size, spec["mean"], spec["std"], device,
+                   spec["name"], shuffle=True, drop_last=loader.drop_last, seed=loader.seed,
+                   rank=getattr(loader, "rank", 0), world_size=world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # same on all ranks
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        return idx[self.rank::self.world_size].to(self.device)
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        from .augment import normalize_batch
+
+        idx = self._indices()
+        for i in range(len(self)):
+            b = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[b]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            else:
+                x = normalize_batch(x.permute(0, 3, 1, 2).float(), self.mean, self.std)
+            yield x, self.labels[b]

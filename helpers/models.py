@@ -1,0 +1,129 @@
+"""Models: the three seed networks. Each returns logits (the softmax lives in the loss).
+
+  resnet9  seed 001's custom ResNet (after Page's "How to train your ResNet"), 6,573,120 params
+  vgg      seed 003's VGG-style CNN, exactly as its code listing,               34,749,002 params
+  compact  seed 004's compact Keras CNN, ported to PyTorch,                        419,818 params
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------
+# Seed 001: ResNet-9
+# ----------------------------------------------------------------------------------------
+def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    """Conv 3x3 (s1, p1, no bias) [-> MaxPool 2] -> BN -> ReLU, as seed 001 orders them."""
+    layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    """x + ResBlock(x), where ResBlock = (Conv-BN-ReLU) twice at constant width."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.res = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.res(x)
+
+
+class ResNet9(nn.Module):
+    """Seed 001's ResNet: PrepLayer 64 -> Layer1 128 (+res) -> Layer2 256 -> Layer3 512 (+res)
+    -> MaxPool 4 -> FC 10 (no bias). 6,573,120 parameters."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.prep = conv_bn(3, 64)
+        self.layer1 = nn.Sequential(conv_bn(64, 128, pool=True), Residual(128))
+        self.layer2 = conv_bn(128, 256, pool=True)
+        self.layer3 = nn.Sequential(conv_bn(256, 512, pool=True), Residual(512))
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(512, num_classes, bias=False)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Seed 003: VGG-style CNN (6 convs with ReLU, 3 max-pools, 3 linear layers with dropout)
+# ----------------------------------------------------------------------------------------
+class VGGNet(nn.Module):
+    """Seed 003's network, layer for layer as in its listing."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, out_channels=64, kernel_size=3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, out_channels=64, kernel_size=3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(64, out_channels=128, kernel_size=3, padding=1), nn.ReLU(),
+            nn.Conv2d(128, out_channels=128, kernel_size=3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(128, out_channels=256, kernel_size=3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, out_channels=256, kernel_size=3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        self.lin = nn.Sequential(
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.lin(torch.flatten(self.conv(x), 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Seed 004: compact CNN (Keras original: Conv -> BN -> ELU, same padding)
+# ----------------------------------------------------------------------------------------
+def conv_bn_elu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ELU()]
+
+
+class CompactCNN(nn.Module):
+    """Seed 004: three blocks of two convs (32, 64, 128 filters), each block ending in a 2x2
+    max-pool and dropout (0.2, 0.2, 0.3); then Dense 64 -> BN -> ELU -> dropout 0.3 -> Dense 10.
+    419,818 trainable parameters (Keras counts 420,842 with BatchNorm's 1,024 moving statistics).
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        blocks = []
+        for c_in, c_out, drop in ((3, 32, 0.2), (32, 64, 0.2), (64, 128, 0.3)):
+            blocks += conv_bn_elu(c_in, c_out) + conv_bn_elu(c_out, c_out)
+            blocks += [nn.MaxPool2d(2), nn.Dropout(drop)]
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ELU(),
+            nn.Dropout(0.3), nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+# ----------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------
+MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN}
+
+
+def get_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh model by name: 'resnet9', 'vgg' or 'compact'."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
