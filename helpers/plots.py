@@ -1,0 +1,196 @@
+"""Plots: every figure the notebooks and the command line draw, in matplotlib.
+
+Each function returns the Figure; `save_figure(fig, path)` writes it atomically.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND") and "ipykernel" not in os.sys.modules:
+    matplotlib.use("Agg")  # headless terminals and CI; notebooks keep their inline backend
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_figure(fig, path) -> Path:
+    """Save `fig` as PNG (or the suffix's format) via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def image_grid(images, titles=None, ncols: int = 8, title: str | None = None, title_colors=None,
+               size: float = 1.4):
+    """Show uint8 HWC images in a grid with optional per-image titles (and title colours)."""
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8,
+                             color=title_colors[i] if title_colors is not None else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def class_examples(images, labels, classes, per_class: int = 8, seed: int = 0):
+    """A row of random examples for every class, labelled on the left."""
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.1))
+    for c, name in enumerate(classes):
+        idx = rng.choice(np.flatnonzero(np.asarray(labels) == c), per_class, replace=False)
+        for j, i in enumerate(idx):
+            ax = axes[c, j]
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("CIFAR-10: random training examples per class")
+    fig.tight_layout()
+    return fig
+
+
+def class_counts(counts_by_split: dict[str, dict[str, int]]):
+    """Bar chart of images per class for each split."""
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    width = 0.8 / len(counts_by_split)
+    for k, (split, counts) in enumerate(counts_by_split.items()):
+        x = np.arange(len(counts)) + k * width
+        ax.bar(x, list(counts.values()), width, label=split)
+    ax.set_xticks(np.arange(len(counts)) + width * (len(counts_by_split) - 1) / 2)
+    ax.set_xticklabels(list(counts), rotation=30)
+    ax.set_ylabel("images"), ax.set_title("Images per class"), ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def channel_histograms(images, mean=None, bins: int = 64):
+    """Pixel-intensity histogram of each RGB channel, with the channel mean marked."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for c, color in enumerate(("red", "green", "blue")):
+        values = np.asarray(images)[..., c].ravel()
+        ax.hist(values, bins=bins, range=(0, 255), color=color, alpha=0.4, density=True, label=color)
+        if mean is not None:
+            ax.axvline(mean[c] * 255, color=color, linestyle="--", linewidth=1)
+    ax.set_xlabel("pixel value (0-255)"), ax.set_ylabel("density")
+    ax.set_title("Pixel intensities per channel (dashed: channel mean)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def lr_schedule(lrs, steps_per_epoch: int | None = None, title: str = "Learning rate at every step"):
+    """The LR at every optimizer step, with epoch boundaries and the peak marked."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(np.arange(len(lrs)), lrs)
+    peak = int(np.argmax(lrs))
+    ax.plot(peak, lrs[peak], "o", color="red")
+    ax.annotate(f"peak {lrs[peak]:.2e} at step {peak}", (peak, lrs[peak]), textcoords="offset points",
+                xytext=(8, -12), fontsize=8)
+    if steps_per_epoch:
+        for e in range(steps_per_epoch, len(lrs), steps_per_epoch):
+            ax.axvline(e, color="grey", linewidth=0.3)
+    ax.set_xlabel("step (batch)"), ax.set_ylabel("learning rate"), ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: dict, eval_name: str | None = None):
+    """Loss and accuracy per epoch for train and test (or validation), and the LR per step."""
+    eval_name = eval_name or history.get("eval_set", "test")
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, history[f"train_{key}"], "o-", label="train")
+        ax.plot(epochs, history[f"test_{key}"], "o-", label=eval_name)
+        ax.set_xlabel("epoch"), ax.set_ylabel(label), ax.set_title(f"{label.capitalize()} per epoch")
+        ax.legend()
+    if "best_epoch" in history and history["best_epoch"] >= 0:
+        axes[1].axvline(history["best_epoch"] + 1, color="grey", linestyle="--", label="best epoch")
+    axes[2].plot(history["lr"])
+    axes[2].set_xlabel("step (batch)"), axes[2].set_ylabel("learning rate"), axes[2].set_title("LR per step")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusion matrix"):
+    """Heatmap of true class (rows) against predicted class (columns), counts in the cells."""
+    cm = np.asarray(cm)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(shown, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    thresh = shown.max() / 2 if shown.size else 0
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            text = f"{shown[i, j]:.2f}" if normalize else str(int(cm[i, j]))
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if shown[i, j] > thresh else "black")
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid(images, labels, preds, classes, ncols: int = 8, title: str | None = None):
+    """Seed 003's picture: each image titled with its prediction, green if right, red if wrong."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    titles = [f"{classes[p]}" + ("" if p == t else f"\n(true: {classes[t]})") for t, p in zip(labels, preds)]
+    colors = ["green" if p == t else "red" for t, p in zip(labels, preds)]
+    n_ok = int((labels == preds).sum())
+    return image_grid(images, titles, ncols, title or f"Predictions: {n_ok}/{len(labels)} correct "
+                      "(green right, red wrong)", colors, size=1.6)
+
+
+def misclassified(images, labels, preds, probs, classes, ncols: int = 5, title: str | None = None):
+    """Wrong predictions with true label, predicted label and the predicted probability."""
+    titles = [f"true: {classes[t]}\npred: {classes[p]} ({pr[p]:.2f})"
+              for t, p, pr in zip(labels, preds, probs)]
+    return image_grid(images, titles, ncols, title or "Misclassified images, highest loss first",
+                      ["red"] * len(labels), size=1.9)
+
+
+def probability_bars(images, probs, classes, labels=None, top: int | None = None):
+    """Seed 004's picture: each image beside a bar chart of its class probabilities."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.2]})
+    for i in range(n):
+        p = np.asarray(probs[i])
+        order = np.argsort(-p)[:top] if top else np.arange(len(classes))
+        axes[i, 0].imshow(images[i], interpolation="nearest")
+        axes[i, 0].axis("off")
+        if labels is not None:
+            axes[i, 0].set_title(f"true: {classes[labels[i]]}", fontsize=9)
+        pred = int(np.argmax(p))
+        colors = ["green" if (labels is None or k == labels[i]) and k == pred else
+                  "red" if k == pred else "grey" for k in order]
+        axes[i, 1].barh([classes[k] for k in order][::-1], p[order][::-1], color=colors[::-1])
+        axes[i, 1].set_xlim(0, 1)
+        axes[i, 1].tick_params(labelsize=8)
+        axes[i, 1].set_xlabel("probability", fontsize=8)
+    fig.suptitle("Class probabilities (green: predicted and right, red: predicted and wrong)")
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)
