@@ -78,6 +78,9 @@ def test_transforms(mean, std) -> A.Compose:
     return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
+test_transforms.__test__ = False  # a pipeline for the test split, not a pytest test
+
+
 def seed004_transforms(mean, std, flip_p: float = FLIP_P, shift: float = SHIFT,
                        rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
     """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.

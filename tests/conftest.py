@@ -1,0 +1,56 @@
+"""Shared fixtures: the real CIFAR-10 copy (CIFAR10_DIR, else ../shared/data/cifar10-jpg) and
+small generated image-folder trees."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg"
+
+
+def real_data_dir() -> Path | None:
+    """The real dataset folder, or None when this machine has none."""
+    path = Path(os.environ.get("CIFAR10_DIR") or SHARED_DATA)
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def real_data():
+    """The full real CIFAR-10 (50,000 + 10,000 images), loaded once per test session."""
+    from helpers.data import load_cifar10
+
+    path = real_data_dir()
+    if path is None:
+        pytest.skip("no local CIFAR-10 copy: set CIFAR10_DIR")
+    return load_cifar10(path, download=False)
+
+
+@pytest.fixture(scope="session")
+def small_data(real_data):
+    """A stratified real subset: 100 train and 50 test images per class."""
+    return real_data.smoke_subset()
+
+
+def write_image_tree(root: Path, per_class: dict[str, int] | int = 3, classes=None, seed: int = 0,
+                     suffix: str = ".png") -> Path:
+    """Write a tiny train/<class>/*.png, test/<class>/*.png tree of random 32x32 RGB images."""
+    from PIL import Image
+
+    from helpers.data import CLASSES
+
+    rng = np.random.default_rng(seed)
+    classes = CLASSES if classes is None else classes
+    for split in ("train", "test"):
+        for c in classes:
+            n = per_class if isinstance(per_class, int) else per_class.get(c, 3)
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:04d}{suffix}")
+    return root
