@@ -121,6 +121,21 @@ def denormalize(x, mean, std) -> np.ndarray:
     return t.movedim(-3, -1).numpy()
 
 
+def augment_images(transform: A.Compose, images, mean, std, seed: int = 0) -> np.ndarray:
+    """Run a pipeline (ending in Normalize + ToTensorV2) over uint8 HWC images, reproducibly,
+    and return the results as uint8 HWC images for display.
+
+    The pipeline draws from one generator seeded with `seed` (as the training loaders do:
+    Compose.set_random_seed would give every transform the same seed, so their random
+    choices would move in step).
+    """
+    import random
+
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    out = [transform(image=np.ascontiguousarray(img))["image"] for img in images]
+    return denormalize(torch.stack([torch.as_tensor(x) for x in out]), mean, std)
+
+
 # ----------------------------------------------------------------------------------------
 # The fast path: seed 001's transforms on whole batches, on the training device
 # ----------------------------------------------------------------------------------------

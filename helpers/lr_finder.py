@@ -1,0 +1,344 @@
+"""The LR range test (torch-lr-finder), the choice of LR_MAX and LR_MIN, and the small JSON
+file that carries that choice from notebook 03 to notebook 04.
+
+    result = range_test(model, train_loader, optimizer)      # model and optimizer restored after
+    plot_range_test(result)                                  # loss against LR, suggestion marked
+    save_lr_choice(LR_CHOICE_FILE, result.suggestion)        # LR_MIN defaults to LR_MAX / 10
+    load_lr_choice()                                         # -> {"lr_max", "lr_min", "source", ...}
+
+The range test trains for `num_iter` batches while the LR grows geometrically from
+`start_lr` to `end_lr` (it stops early when the loss explodes). The suggestion is the LR where
+the smoothed loss falls fastest: the steepest descent, as torch-lr-finder's own plot suggests.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import config
+from .errors import ConfigError, require_positive
+
+LR_CHOICE_FILE = config.ARTIFACTS_DIR / "lr_choice.json"   # written by notebook 03, read by 04
+SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
+SKIP_END = 5      # ... and the last 5 (where the loss explodes)
+
+
+# ----------------------------------------------------------------------------------------
+# The range test
+# ----------------------------------------------------------------------------------------
+@dataclass
+class RangeTestResult:
+    """What a range test found: the LR and the smoothed training loss at every iteration."""
+
+    lrs: list[float]              # geometric, from start_lr towards end_lr
+    losses: list[float]           # exponentially smoothed training loss (torch-lr-finder's history)
+    suggestion: float             # the LR of steepest descent of the smoothed loss
+    num_iter: int                 # iterations asked for (fewer ran when the loss diverged)
+    diverged: bool = False        # True when the test stopped early because the loss exploded
+    skip_start: int = SKIP_START  # points ignored at each end when looking for the suggestion
+    skip_end: int = SKIP_END
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    suggestion_index: int = 0     # where the suggestion lies in lrs / losses
+
+
+def steepest_descent(lrs, losses, skip_start: int = SKIP_START, skip_end: int = SKIP_END):
+    """(lr, index, skip_start, skip_end): the point where the loss falls fastest.
+
+    Exactly torch-lr-finder's `plot(suggest_lr=True)`: drop `skip_start` points at the start
+    and `skip_end` at the end, then take the minimum of numpy's gradient of the loss (per
+    point, on the log-spaced LR grid). A test too short for those margins (smoke mode runs 8
+    iterations) keeps 10% and 5% of its points as margins instead, and at least 2 points.
+    """
+    lrs, losses = list(lrs), list(losses)
+    n = len(losses)
+    if n != len(lrs) or n < 2:
+        raise ConfigError(f"a range test needs at least 2 (LR, loss) points, got {n}: run more iterations")
+    if n < skip_start + skip_end + 2:
+        skip_start, skip_end = int(n * 0.10), int(n * 0.05)
+    lo, hi = skip_start, n - skip_end
+    idx = lo + int(np.gradient(np.asarray(losses[lo:hi], dtype=np.float64)).argmin())
+    return float(lrs[idx]), idx, skip_start, skip_end
+
+
+def _check_lr_range(start_lr, end_lr) -> None:
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        require_positive(name, value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+    if not start_lr < end_lr:
+        raise ConfigError(f"start_lr {start_lr:g} must be below end_lr {end_lr:g}: swap them")
+
+
+def default_num_iter() -> int:
+    """100 iterations, or config.SMOKE_LR_FINDER_ITERS in smoke mode (SMOKE_TEST=1)."""
+    return config.SMOKE_LR_FINDER_ITERS if config.smoke_mode() else config.LR_FINDER_ITERS
+
+
+def default_batch_size() -> int:
+    """Seed 001's batch size (512), or config.SMOKE_BATCH_SIZE in smoke mode."""
+    return config.SMOKE_BATCH_SIZE if config.smoke_mode() else config.BATCH_SIZE
+
+
+def range_test_loader(data, batch_size: int | None = None, seed: int = 0):
+    """The shuffled, augmented (seed 001) training loader a range test draws its batches from."""
+    from .augment import train_transforms
+    from .data import make_loader
+
+    return make_loader(data.train_images, data.train_labels, train_transforms(data.mean, data.std),
+                       batch_size=batch_size or default_batch_size(), shuffle=True, seed=seed)
+
+
+def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer, criterion=None,
+               device="cpu", start_lr: float = 1e-7, end_lr: float = 10, num_iter: int | None = None,
+               smooth_f: float = 0.05, diverge_th: float = 5, progress: bool = True) -> RangeTestResult:
+    """Run torch-lr-finder's range test and restore the model and optimizer afterwards.
+
+    num_iter=None means 100 iterations (config.SMOKE_LR_FINDER_ITERS in smoke mode). The
+    optimizer must be fresh: torch-lr-finder refuses one a scheduler has touched, so create
+    the range test's optimizer before any scheduler (e.g. helpers.engine.one_cycle).
+    The weights, BatchNorm statistics and optimizer state are exactly as before the call.
+    """
+    _check_lr_range(start_lr, end_lr)
+    num_iter = default_num_iter() if num_iter is None else num_iter
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 2:
+        raise ConfigError(f"num_iter must be a whole number >= 2, got {num_iter!r}")
+    if any("initial_lr" in g for g in optimizer.param_groups):
+        raise ConfigError("this optimizer already has an LR scheduler attached: create a fresh optimizer "
+                          "for the range test, before any scheduler touches it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # tqdm.autonotebook warns on import inside Jupyter
+        from torch_lr_finder import LRFinder
+        from torch_lr_finder import lr_finder as tlf
+    from tqdm import tqdm
+
+    finder = LRFinder(model, optimizer, criterion or nn.CrossEntropyLoss(), device=str(device))
+    bar = functools.partial(tqdm, desc="LR range test", leave=False, disable=not progress,
+                            file=sys.stderr, dynamic_ncols=True)
+    original_bar = tlf.tqdm
+    try:
+        tlf.tqdm = bar                                  # our progress bar, not autonotebook's
+        with contextlib.redirect_stdout(io.StringIO()):  # its "see the graph with .plot()" hint
+            finder.range_test(train_loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+                              step_mode="exp", smooth_f=smooth_f, diverge_th=diverge_th)
+    finally:
+        tlf.tqdm = original_bar
+        finder.reset()                                  # the model and optimizer as they were
+    lrs = [float(v) for v in finder.history["lr"]]
+    losses = [float(v) for v in finder.history["loss"]]
+    diverged = len(losses) < num_iter
+    finite = [math.isfinite(v) for v in losses]
+    if not all(finite):                                 # NaN never trips the divergence check
+        keep = finite.index(False)
+        lrs, losses, diverged = lrs[:keep], losses[:keep], True
+    suggestion, index, skip_start, skip_end = steepest_descent(lrs, losses)
+    return RangeTestResult(lrs, losses, suggestion, num_iter, diverged, skip_start, skip_end,
+                           float(start_lr), float(end_lr), index)
+
+
+def plot_range_test(result: RangeTestResult, lr_max: float | None = None, lr_min: float | None = None,
+                    title: str | None = None):
+    """Smoothed loss against LR (log scale), the suggestion marked; optionally the chosen
+    LR_MAX and LR_MIN as dashed lines. Returns the Figure."""
+    from . import plots  # noqa: F401  (picks a headless backend outside notebooks)
+    import matplotlib.pyplot as plt
+
+    lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    lo, hi = result.skip_start, len(lrs) - result.skip_end
+    if lo > 0:
+        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends ignored by the suggestion")
+    if hi < len(lrs):
+        ax.axvspan(lrs[hi - 1], lrs[-1], color="grey", alpha=0.12)
+    i = result.suggestion_index
+    ax.plot(lrs[i], losses[i], "o", color="red", markersize=8,
+            label=f"steepest descent: {result.suggestion:.2e}")
+    if lr_max is not None:
+        ax.axvline(lr_max, color="green", linestyle="--", label=f"LR_MAX {lr_max:.2e}")
+    if lr_min is not None:
+        ax.axvline(lr_min, color="orange", linestyle="--", label=f"LR_MIN {lr_min:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    stop = ", stopped early: the loss diverged" if result.diverged else ""
+    ax.set_title(title or f"LR range test: {len(lrs)} of {result.num_iter} iterations{stop}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing LR_MAX and LR_MIN
+# ----------------------------------------------------------------------------------------
+def choose_lr(result: RangeTestResult, smoke: bool | None = None) -> dict:
+    """The LRs to train with: LR_MAX = the suggestion and LR_MIN = LR_MAX / 10 (seed 001).
+
+    In smoke mode a few iterations on 1,000 images make the suggestion noise, so seed 001's
+    LR_MAX (config.LR_MAX) is chosen instead; the suggestion is still recorded.
+    Returns keyword arguments for save_lr_choice.
+    """
+    smoke = config.smoke_mode() if smoke is None else smoke
+    info = {"suggestion": float(result.suggestion), "num_iter": len(result.lrs), "smoke": bool(smoke)}
+    if smoke:
+        return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "seed 001 default (smoke mode)",
+                "note": f"smoke mode: the {len(result.lrs)}-iteration range test's suggestion "
+                        f"({result.suggestion:.2e}) is noise, so seed 001's LR_MAX is used", **info}
+    return {"lr_max": float(result.suggestion), "lr_min": float(result.suggestion) / 10,
+            "source": "lr_finder", "note": "LR_MAX = the range test's suggestion, LR_MIN = LR_MAX / 10",
+            **info}
+
+
+def _check_lrs(lr_max, lr_min) -> None:
+    for name, value in (("lr_max", lr_max), ("lr_min", lr_min)):
+        require_positive(name, value, " (learning rates are numbers like 2.5e-3)")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+    if not lr_min < lr_max:
+        raise ConfigError(f"lr_min {lr_min:g} must be below lr_max {lr_max:g} (seed 001 uses lr_max / 10)")
+
+
+def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> Path:
+    """Write {"lr_max", "lr_min", "source", **info} as JSON, atomically (temporary file + rename).
+
+    path=None means LR_CHOICE_FILE (artifacts/lr_choice.json). lr_min defaults to lr_max / 10.
+    Raises ConfigError unless both LRs are positive and finite and lr_min < lr_max.
+    """
+    path = Path(path) if path is not None else LR_CHOICE_FILE
+    if isinstance(lr_max, (np.floating, np.integer)):
+        lr_max = lr_max.item()
+    lr_min = lr_max / 10 if lr_min is None and isinstance(lr_max, (int, float)) else lr_min
+    if isinstance(lr_min, (np.floating, np.integer)):
+        lr_min = lr_min.item()
+    _check_lrs(lr_max, lr_min)
+    record = {"lr_max": float(lr_max), "lr_min": float(lr_min), "source": info.pop("source", "manual"),
+              **info}
+    try:
+        text = json.dumps(record, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    except ValueError as e:
+        raise ConfigError(f"cannot write the LR choice as JSON: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_lr_choice(path=None) -> dict:
+    """The saved LR choice, or seed 001's documented defaults when there is no file.
+
+    Missing file: {"lr_max": config.LR_MAX (2.54e-3), "lr_min": config.LR_MIN (LR_MAX / 10),
+    "source": "defaults", "note": ...}. A file that is not valid JSON or holds bad values
+    raises ConfigError naming the file (run notebook 03 again, or delete it).
+    """
+    path = Path(path) if path is not None else LR_CHOICE_FILE
+    if not path.is_file():
+        return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "defaults",
+                "note": f"no {path.name} found: seed 001's LR_MAX and LR_MIN from helpers.config "
+                        "(run 03_lr_finder.ipynb to choose your own)"}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable LR choice ({type(e).__name__}): "
+                          "run 03_lr_finder.ipynb again or delete the file") from None
+    if not isinstance(record, dict) or "lr_max" not in record:
+        raise ConfigError(f"{path} holds no lr_max: run 03_lr_finder.ipynb again or delete the file")
+    lr_max = record["lr_max"]
+    lr_min = record.get("lr_min")
+    if lr_min is None and isinstance(lr_max, (int, float)) and not isinstance(lr_max, bool):
+        lr_min = lr_max / 10
+    try:
+        _check_lrs(lr_max, lr_min)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    record.update(lr_max=float(lr_max), lr_min=float(lr_min))
+    record.setdefault("source", "saved")
+    return record
+
+
+# ----------------------------------------------------------------------------------------
+# The planned OneCycle schedule (seed 001), computed with the training engine's own scheduler
+# ----------------------------------------------------------------------------------------
+@dataclass
+class SchedulePlan:
+    """The LR at every optimizer step of a OneCycle run, and the numbers that describe it."""
+
+    lrs: list[float] = field(repr=False)
+    train_size: int
+    batch_size: int
+    epochs: int
+    peak_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    peak_step: int        # 0-based step with the highest LR
+    lr_max: float
+    lr_min: float
+
+    def describe(self) -> str:
+        """The schedule's shape in words and numbers (no LR values, which depend on the run)."""
+        lrs = np.asarray(self.lrs)
+        return "\n".join([
+            f"training images:     {self.train_size:,}",
+            f"batch size:          {self.batch_size}",
+            f"iterations / epoch:  {self.steps_per_epoch}  (ceil({self.train_size:,} / {self.batch_size}))",
+            f"epochs:              {self.epochs}",
+            f"iterations in all:   {self.total_steps:,}  ({self.steps_per_epoch} x {self.epochs})",
+            f"peak LR at step:     {self.peak_step}  (0-based; the last step of epoch "
+            f"{self.peak_step // self.steps_per_epoch + 1})",
+            f"LR at step 0:        LR_MAX x {lrs[0] / self.lr_max:.2f}  (= LR_MIN)",
+            f"LR at the last step: LR_MAX x {lrs[-1] / self.lr_max:.2f}  (= LR_MIN)",
+            f"lowest LR:           LR_MIN x {lrs.min() / self.lr_min:.2f}  "
+            f"(never below LR_MIN: no annihilation)",
+        ])
+
+
+def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None,
+                      epochs: int = config.EPOCHS, peak_epoch: int = config.PEAK_EPOCH,
+                      train_size: int = 50_000, batch_size: int = config.BATCH_SIZE) -> SchedulePlan:
+    """Step helpers.engine.one_cycle on a dummy optimizer and record the LR of every step.
+
+    The defaults are seed 001's full run: 50,000 images at batch 512 -> 98 steps per epoch,
+    24 epochs -> 2,352 steps, the peak on the last step of epoch 5 (step 489).
+    """
+    from .engine import one_cycle
+
+    for name, value in (("train_size", train_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        require_positive(name, value)
+    lr_min = lr_max / 10 if lr_min is None else lr_min
+    steps_per_epoch = -(-train_size // batch_size)    # the last, smaller batch is kept
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr_max)
+    scheduler = one_cycle(optimizer, lr_max, lr_min, epochs, steps_per_epoch, peak_epoch)
+    lrs = []
+    for _ in range(epochs * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()      # no gradients: changes nothing, but keeps the scheduler's order check quiet
+        scheduler.step()
+    return SchedulePlan(lrs, train_size, batch_size, epochs, peak_epoch, steps_per_epoch, len(lrs),
+                        int(np.argmax(lrs)), float(lr_max), float(lr_min))
+
+
+__all__ = ["LR_CHOICE_FILE", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",
+           "plot_range_test", "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
+           "planned_one_cycle", "default_num_iter", "default_batch_size"]
