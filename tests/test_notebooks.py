@@ -1,0 +1,145 @@
+"""The committed notebooks: complete, executed top to bottom, openable in Colab.
+
+These tests read the .ipynb files as JSON and never execute them (nbval does that when pytest
+collects notebooks/).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = ["01_data_exploration.ipynb", "02_augmentation_preview.ipynb", "03_lr_finder.ipynb",
+            "04_training.ipynb", "05_error_analysis.ipynb"]
+REPO_URL = "github.com/cifar10-course/cifar10-course"
+COLAB_URL = f"https://colab.research.google.com/github/cifar10-course/cifar10-course/blob/main/notebooks/"
+IGNORE = "# NBVAL_IGNORE_OUTPUT"
+
+
+def load(name: str) -> dict:
+    return json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+
+
+def source(cell: dict) -> str:
+    s = cell.get("source", "")
+    return "".join(s) if isinstance(s, list) else s
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def ignored(cell: dict) -> bool:
+    return any(line.strip() == IGNORE for line in source(cell).splitlines())
+
+
+@pytest.fixture(params=EXPECTED)
+def notebook(request):
+    path = NOTEBOOKS / request.param
+    if not path.exists():
+        pytest.fail(f"{path} is missing")
+    return request.param, load(request.param)
+
+
+def test_notebooks_are_numbered_01_to_05_in_order():
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == EXPECTED
+    numbers = [int(re.match(r"(\d\d)_", n).group(1)) for n in names]
+    assert numbers == list(range(1, len(names) + 1))
+
+
+def test_no_error_outputs(notebook):
+    name, nb = notebook
+    for i, cell in enumerate(code_cells(nb)):
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", \
+                f"{name}: code cell {i} has an error output: {out.get('ename')}: {out.get('evalue')}"
+            text = "".join(out.get("text", "")) if out["output_type"] == "stream" else ""
+            assert "Traceback (most recent call last)" not in text, f"{name}: code cell {i} shows a traceback"
+
+
+def test_every_code_cell_was_executed_top_to_bottom(notebook):
+    name, nb = notebook
+    counts = [c["execution_count"] for c in code_cells(nb)]
+    missing = [i for i, n in enumerate(counts) if n is None]
+    assert not missing, f"{name}: code cells {missing} were never executed"
+    # one fresh kernel, top to bottom, each cell once: no hidden state from out-of-order runs
+    assert counts == list(range(1, len(counts) + 1)), f"{name}: execution counts {counts}"
+
+
+def test_opens_with_markdown_and_a_colab_badge(notebook):
+    name, nb = notebook
+    first = nb["cells"][0]
+    assert first["cell_type"] == "markdown", f"{name} must open with a markdown cell"
+    text = source(first)
+    assert text.lstrip().startswith("# "), f"{name}: the first cell should start with a title"
+    assert "colab-badge.svg" in text, f"{name}: no 'Open in Colab' badge in the first cell"
+    assert COLAB_URL + name in text, f"{name}: the badge must link to {COLAB_URL + name}"
+
+
+def test_first_code_cell_is_the_guarded_colab_setup(notebook):
+    name, nb = notebook
+    cell = code_cells(nb)[0]
+    text = source(cell)
+    assert not any(line.lstrip().startswith(("!", "%")) for line in text.splitlines()), \
+        f"{name}: the Colab set-up must use subprocess/os, not ! or % magics"
+    tree = ast.parse(text)
+    guards = [node for node in tree.body if isinstance(node, ast.If)]
+    others = [node for node in tree.body if not isinstance(node, (ast.If, ast.Import, ast.ImportFrom))]
+    assert len(guards) == 1 and not others, \
+        f"{name}: outside imports, everything in the set-up cell must sit under the Colab guard"
+    assert ast.unparse(guards[0].test) in ("'google.colab' in sys.modules", '"google.colab" in sys.modules')
+    assert not guards[0].orelse, f"{name}: the Colab guard must do nothing outside Colab"
+    body = ast.unparse(guards[0])
+    assert f"https://{REPO_URL}" in body, f"{name}: the set-up must clone https://{REPO_URL}"
+    assert "git" in body and "clone" in body
+    assert "pip" in body and "'-r'" in body and "'requirements.txt'" in body
+    chdirs = [ast.unparse(n) for n in ast.walk(guards[0])
+              if isinstance(n, ast.Call) and ast.unparse(n.func) == "os.chdir"]
+    assert chdirs and chdirs[-1] == "os.chdir('notebooks')", f"{name}: the set-up must end in notebooks/"
+    assert body.index("clone") < body.index("'-r', 'requirements.txt'") < body.rindex("os.chdir('notebooks')")
+    assert cell.get("outputs", []) == [], f"{name}: outside Colab the set-up cell must print nothing"
+
+
+def test_closes_with_a_summary(notebook):
+    name, nb = notebook
+    last = nb["cells"][-1]
+    assert last["cell_type"] == "markdown", f"{name} must close with a markdown cell"
+    assert re.search(r"^#+\s*Summary", source(last), re.M), f"{name}: the last cell must be a '## Summary'"
+
+
+def test_states_which_run_produced_the_outputs(notebook):
+    name, nb = notebook
+    cells = [c for c in code_cells(nb) if "smoke mode" in source(c) and "device" in source(c)]
+    assert cells, f"{name}: no cell states the device, data source and smoke mode of the run"
+    assert all(ignored(c) for c in cells), f"{name}: the run-description cell must be NBVAL_IGNORE_OUTPUT"
+    assert all("data source" in source(c) and "epochs" in source(c) for c in cells)
+
+
+def test_nbval_markers_come_first_and_compared_cells_are_clean(notebook):
+    name, nb = notebook
+    for i, cell in enumerate(code_cells(nb)):
+        text = source(cell)
+        if "NBVAL_" in text:
+            assert text.splitlines()[0].strip() in (IGNORE, "# NBVAL_SKIP"), \
+                f"{name}: code cell {i}: an NBVAL marker must be the cell's first line"
+        if ignored(cell):
+            continue
+        for out in cell.get("outputs", []):
+            # compared cells: no warnings or progress bars on stderr, no stray figure reprs
+            assert not (out["output_type"] == "stream" and out["name"] == "stderr"), \
+                f"{name}: compared code cell {i} writes to stderr: {''.join(out['text'])[:200]!r}"
+            assert out["output_type"] != "execute_result" or "<Figure" not in "".join(
+                out["data"].get("text/plain", "")), f"{name}: code cell {i} ends with a figure repr"
+
+
+def test_no_hard_coded_local_paths(notebook):
+    name, nb = notebook
+    for i, cell in enumerate(nb["cells"]):
+        text = source(cell)
+        for pattern in ("/work/", "/home/", "/Users/", "/tmp/", "C:\\"):
+            assert pattern not in text, f"{name}: cell {i} hard-codes a local path ({pattern})"
