@@ -13,6 +13,7 @@ batches already on the training device, drawing the same distributions.
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check, nothing on stderr
 
@@ -121,17 +122,20 @@ def denormalize(x, mean, std) -> np.ndarray:
     return t.movedim(-3, -1).numpy()
 
 
+def seed_pipeline(transform: A.Compose, seed: int) -> None:
+    """Restart a pipeline's random stream: one generator pair shared by all its transforms.
+
+    (Compose.set_random_seed would give every transform its own generator with the same
+    seed, so, for example, the flip and the crop would make their choices in step.)
+    """
+    seed = int(seed) % 2**32
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def augment_images(transform: A.Compose, images, mean, std, seed: int = 0) -> np.ndarray:
     """Run a pipeline (ending in Normalize + ToTensorV2) over uint8 HWC images, reproducibly,
-    and return the results as uint8 HWC images for display.
-
-    The pipeline draws from one generator seeded with `seed` (as the training loaders do:
-    Compose.set_random_seed would give every transform the same seed, so their random
-    choices would move in step).
-    """
-    import random
-
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    and return the results as uint8 HWC images for display."""
+    seed_pipeline(transform, seed)
     out = [transform(image=np.ascontiguousarray(img))["image"] for img in images]
     return denormalize(torch.stack([torch.as_tensor(x) for x in out]), mean, std)
 

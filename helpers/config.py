@@ -18,7 +18,7 @@ from .errors import ConfigError, require_positive
 # ----------------------------------------------------------------------------------------
 BATCH_SIZE = 512          # 50,000 / 512 -> 98 steps per epoch
 EPOCHS = 24               # 98 * 24 = 2,352 steps in all
-PEAK_EPOCH = 5            # LR peaks at the end of epoch 5 (step 490 of 2,352)
+PEAK_EPOCH = 5            # LR peaks at the end of epoch 5 (0-based step 489 of 0..2,351)
 LR_MAX = 2.54e-3          # seed 001's LR range-test suggestion for Adam at batch 512
 LR_MIN = LR_MAX / 10      # the LR at step 0 and at the last step: no annihilation below it
 OPTIMIZER = "adam"        # Adam with PyTorch defaults (betas 0.9, 0.999), no weight decay

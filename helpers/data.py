@@ -339,11 +339,9 @@ class AugmentedDataset(Dataset):
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation's random stream from `seed`."""
-        # One shared stream for the whole pipeline. (Compose.set_random_seed would give every
-        # transform its own generator with the same seed, so flip and crop would move in step.)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            seed = int(seed) % 2**32
-            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            from .augment import seed_pipeline
+            seed_pipeline(self.transform, seed)
 
     def augmentation_state(self):
         """The albumentations Compose's random state (numpy and python generators)."""

@@ -14,6 +14,7 @@ if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND") and "ipyke
     matplotlib.use("Agg")  # headless terminals and CI; notebooks keep their inline backend
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -36,7 +37,10 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None, ti
     """Show uint8 HWC images in a grid with optional per-image titles (and title colours)."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+    row_height = size + 0.18 * lines  # room for the titles above each row
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * row_height + (0.4 if title else 0)),
+                             squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -121,6 +125,7 @@ def training_curves(history: dict, eval_name: str | None = None):
         ax.plot(epochs, history[f"train_{key}"], "o-", label="train")
         ax.plot(epochs, history[f"test_{key}"], "o-", label=eval_name)
         ax.set_xlabel("epoch"), ax.set_ylabel(label), ax.set_title(f"{label.capitalize()} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     if "best_epoch" in history and history["best_epoch"] >= 0:
         axes[1].axvline(history["best_epoch"] + 1, color="grey", linestyle="--", label="best epoch")
@@ -181,13 +186,14 @@ def probability_bars(images, probs, classes, labels=None, top: int | None = None
         if labels is not None:
             axes[i, 0].set_title(f"true: {classes[labels[i]]}", fontsize=9)
         pred = int(np.argmax(p))
-        colors = ["green" if (labels is None or k == labels[i]) and k == pred else
-                  "red" if k == pred else "grey" for k in order]
+        truth = None if labels is None else int(labels[i])
+        colors = [("green" if truth in (None, k) else "red") if k == pred else
+                  "tab:blue" if k == truth else "grey" for k in order]
         axes[i, 1].barh([classes[k] for k in order][::-1], p[order][::-1], color=colors[::-1])
         axes[i, 1].set_xlim(0, 1)
         axes[i, 1].tick_params(labelsize=8)
         axes[i, 1].set_xlabel("probability", fontsize=8)
-    fig.suptitle("Class probabilities (green: predicted and right, red: predicted and wrong)")
+    fig.suptitle("Class probabilities (green: predicted and right; red: predicted and wrong, blue: the true class)")
     fig.tight_layout()
     return fig
 

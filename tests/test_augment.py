@@ -120,3 +120,24 @@ def test_denormalize_handles_batches():
     out = aug.denormalize(batch, MEAN, STD)
     assert out.shape == (5, 32, 32, 3) and out.dtype == np.uint8
     assert np.all(np.abs(out[0, 0, 0].astype(int) - np.array(aug.mean_fill(MEAN))) <= 1)
+
+
+def test_augment_images_is_reproducible_and_transforms_draw_independently():
+    img = dark_image()
+    tf = aug.train_transforms(MEAN, STD, crop_p=0.5, flip_p=0.5, cutout_p=0.0)
+    batch = np.repeat(img[None], 200, axis=0)
+    a = aug.augment_images(tf, batch, MEAN, STD, seed=1)
+    assert np.array_equal(a, aug.augment_images(tf, batch, MEAN, STD, seed=1))
+    assert not np.array_equal(a, aug.augment_images(tf, batch, MEAN, STD, seed=2))
+    # one shared stream: crop and flip decisions are independent, so all four combinations
+    # occur (with Compose.set_random_seed both would draw the same numbers: cropped iff flipped)
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    combos = set()
+    for out in a:
+        for flipped in (False, True):
+            seen = out[:, ::-1] if flipped else out
+            offsets = [(y, x) for y in range(9) for x in range(9)
+                       if np.array_equal(padded[y:y + 32, x:x + 32], seen)]
+            if offsets:
+                combos.add((flipped, offsets[0] != (4, 4)))
+    assert combos == {(False, False), (False, True), (True, False), (True, True)}
