@@ -12,8 +12,10 @@ Prints three tables in images per second:
      helpers.engine.train_one_epoch over copies of one real augmented batch, with the
      model's recipe optimizer and loss (the engine's per-step loss check included);
   3. evaluation of each model: helpers.engine.evaluate over copies of one real batch.
-Every figure is (timed batches x batch size) / seconds, after untimed warm-up batches; on
-CUDA the device is synchronised before each timer read. It asserts nothing about speed.
+Untimed warm-up batches come first; on CUDA the device is synchronised before each timer read.
+Data figures are (timed batches x batch size) / their total seconds. Train and eval steps are
+timed one by one: batch size / the median step (robust to other processes' bursts on a shared
+machine), the mean-based figure beside it. It asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -119,7 +122,13 @@ def run_info(device: torch.device, data) -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": load_average(),
             "git": git_commit(), "data": data_source(data),
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": command_line()}
+
+
+def command_line() -> str:
+    """How this run was started, with the CIFAR10_DIR it read."""
+    env = f"CIFAR10_DIR={os.environ['CIFAR10_DIR']} " if os.environ.get("CIFAR10_DIR") else ""
+    return env + " ".join(["python", *sys.argv])
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,6 +172,16 @@ def row(kind: str, name: str, setting: str, images: int, seconds: float | None, 
          "images_per_s": images / seconds if seconds else None}
     r.update(extra)
     return r
+
+
+def step_row(kind: str, name: str, setting: str, batch: int, step_seconds: list, **extra) -> dict:
+    """Per-step timings: images/s from the median step (robust to other processes' bursts),
+    the mean-based figure kept beside it."""
+    median = statistics.median(step_seconds)
+    return row(kind, name, setting, batch * len(step_seconds), sum(step_seconds), batch_size=batch,
+               step_seconds=step_seconds, median_step_seconds=median,
+               images_per_s_mean=batch * len(step_seconds) / sum(step_seconds), **extra) | {
+        "images_per_s": batch / median}
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,13 +251,13 @@ def bench_train(name, data, device, precision, layout, batch, n, warmup) -> dict
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed(lambda: steps(warmup), device)
-        seconds = timed(lambda: steps(n), device)
+        seconds = [timed(lambda: steps(1), device) for _ in range(n)]
     except (RuntimeError, NotImplementedError) as e:   # an unsupported kernel: say so, go on
         return row("train", name, setting, 0, None, precision=precision, layout=layout,
                    batch_size=batch, na=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return row("train", name, setting, n * batch, seconds, precision=precision, layout=layout,
-               batch_size=batch, optimizer=r.optimizer, peak_memory_bytes=peak)
+    return step_row("train", name, setting, batch, seconds, precision=precision, layout=layout,
+                    optimizer=r.optimizer, peak_memory_bytes=peak)
 
 
 def bench_eval(name, data, device, precision, batch, n, warmup) -> dict:
@@ -251,12 +270,12 @@ def bench_eval(name, data, device, precision, batch, n, warmup) -> dict:
     amp = "bf16" if precision == "bf16" else None
     try:
         timed(lambda: engine.evaluate(model, [(x, y)] * warmup, device=device, amp=amp, progress=False), device)
-        seconds = timed(lambda: engine.evaluate(model, [(x, y)] * n, device=device, amp=amp,
-                                                progress=False), device)
+        seconds = [timed(lambda: engine.evaluate(model, [(x, y)], device=device, amp=amp, progress=False), device)
+                   for _ in range(n)]
     except (RuntimeError, NotImplementedError) as e:
         return row("eval", name, precision, 0, None, precision=precision, batch_size=batch,
                    na=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    return row("eval", name, precision, n * batch, seconds, precision=precision, batch_size=batch)
+    return step_row("eval", name, precision, batch, seconds, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------
@@ -264,6 +283,14 @@ def bench_eval(name, data, device, precision, batch, n, warmup) -> dict:
 # ----------------------------------------------------------------------------------------
 def fmt(r: dict) -> str:
     return f"{r['images_per_s']:,.0f}" if r["images_per_s"] else f"n/a ({r.get('na', 'not measured')})"
+
+
+def mean_fmt(r: dict) -> str:
+    return f"{r['images_per_s_mean']:,.0f}" if r.get("images_per_s_mean") else "-"
+
+
+def ms(r: dict) -> str:
+    return f"{1000 * r['median_step_seconds']:,.1f}" if r.get("median_step_seconds") else "-"
 
 
 def tables(results: dict) -> str:
@@ -285,17 +312,18 @@ def tables(results: dict) -> str:
     cuda = info["device"].startswith("cuda")
     out += ["", f"### Train step (batch {s['train_batch']}, {s['steps']} timed steps after {s['warmup']} "
                 f"warm-up; engine.train_one_epoch on one real batch)", "",
-            "| model | precision | layout | images/s | ms/step |" + (" peak MiB |" if cuda else ""),
-            "| --- | --- | --- | ---: | ---: |" + (" ---: |" if cuda else "")]
+            "| model | precision | layout | images/s (median step) | images/s (mean) | median ms/step |"
+            + (" peak MiB |" if cuda else ""),
+            "| --- | --- | --- | ---: | ---: | ---: |" + (" ---: |" if cuda else "")]
     for r in train_rows:
-        ms = f"{1000 * r['seconds'] / s['steps']:.1f}" if r["images_per_s"] else "-"
         mem = (f" {r['peak_memory_bytes'] / 2**20:,.0f} |" if r.get("peak_memory_bytes") else " - |") if cuda else ""
-        out.append(f"| {r['name']} | {r['precision']} | {r['layout']} | {fmt(r)} | {ms} |{mem}")
+        out.append(f"| {r['name']} | {r['precision']} | {r['layout']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} |{mem}")
     eval_rows = [r for r in results["rows"] if r["kind"] == "eval"]
     out += ["", f"### Evaluation (batch {s['eval_batch']}, {s['steps']} timed batches after {s['warmup']} "
                 f"warm-up; engine.evaluate, NCHW)", "",
-            "| model | precision | images/s |", "| --- | --- | ---: |"]
-    out += [f"| {r['name']} | {r['precision']} | {fmt(r)} |" for r in eval_rows]
+            "| model | precision | images/s (median batch) | images/s (mean) | median ms/batch |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    out += [f"| {r['name']} | {r['precision']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} |" for r in eval_rows]
     return "\n".join(out)
 
 
@@ -339,6 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--precisions", type=names, default=",".join(map(str, PRECISIONS)), help="fp32 and/or bf16 (autocast)")
     p.add_argument("--layouts", type=names, default=",".join(map(str, LAYOUTS)), help="nchw and/or channels_last (train step)")
     p.add_argument("--skip", type=names, default=None, help="sections to skip, comma-separated: data, train, eval")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--out", default=None, help="write every figure and the run information to this JSON file")
     p.add_argument("--md", default=None, help="write the printed tables and the command to this markdown file")
     p.add_argument("--dry-run", action="store_true",
@@ -359,6 +389,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = engine.get_device(None if args.device == "auto" else args.device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     settings = dict(data_batch=args.data_batch, data_batches=args.data_batches,

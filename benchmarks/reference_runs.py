@@ -33,7 +33,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmark import data_source, device_name, git_commit, write_json  # noqa: E402
+from benchmark import command_line, data_source, device_name, git_commit, write_json  # noqa: E402
 from helpers import engine  # noqa: E402
 from helpers.config import recipe  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
@@ -285,7 +285,7 @@ def main(argv=None) -> dict | None:
              "config": args.config, "about": cfg["about"], "device": str(device), "device_name": name,
              "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
              "data": data_source(data.smoke_subset() if args.dry_run else data), "settings": settings,
-             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             "command": command_line(), "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     del data
     print(f"{args.config} on {name} ({device}), seeds {args.seeds} -> {out}", flush=True)
     results = None
