@@ -1,0 +1,506 @@
+"""The command line, end to end: `python -m helpers train | test | predict` in subprocesses.
+
+Every run gets SMOKE_TEST=1 and CIFAR10_DIR pointing at the real (JPEG) CIFAR-10 copy:
+$CIFAR10_DIR when set (a relative path is taken from the repo root, as CI sets it), else
+../shared/data/cifar10-jpg beside the repository. Tests that need the images skip cleanly
+when that folder is absent; the --help and error tests do not need it.
+
+Each model trains one smoke epoch (1,000 real training images, 500 test images, one
+loader process), is saved with --serialize, and is then tested and asked for predictions.
+The error cases run in parallel (they are mostly interpreter start-up) and must each end
+with exactly one `error: ...` line on stderr, the documented exit status, and no traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("compact", "resnet9", "vgg")
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("CIFAR10_DIR")
+    if not env:
+        return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
+    path = Path(env).expanduser()
+    if not path.is_absolute():                      # CI: relative to the repo root
+        path = path if (Path.cwd() / path).is_dir() and not (REPO / path).is_dir() else REPO / path
+    return path.resolve()
+
+
+DATA = _data_dir()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
+
+
+def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python -m helpers ARGS` in smoke mode on the real data; capture its output."""
+    full_env = {**os.environ, "SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "MPLBACKEND": "Agg",
+                "NO_ALBUMENTATIONS_UPDATE": "1",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of stderr that report an error (progress bars redraw with carriage returns)."""
+    return [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip().startswith("error")]
+
+
+def assert_fails(proc, status: int, pattern: str) -> str:
+    """Exit status `status`, exactly one `error: ...` line matching `pattern`, no traceback."""
+    info = f"exit {proc.returncode}\nstdout: {proc.stdout[-1500:]}\nstderr: {proc.stderr[-1500:]}"
+    assert proc.returncode == status, info
+    assert "Traceback" not in proc.stderr, info
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, info
+    assert re.search(pattern, lines[0]), f"{lines[0]!r} does not match {pattern!r}"
+    assert lines[0] == re.split(r"[\r\n]", proc.stderr.rstrip())[-1].strip(), "the error line comes last"
+    return lines[0]
+
+
+def assert_png(path) -> None:
+    from PIL import Image
+
+    path = Path(path)
+    assert path.is_file() and path.stat().st_size > 1000, path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+        im.verify()
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def printed(pattern: str, text: str) -> str:
+    m = re.search(pattern, text, re.M)
+    assert m, f"{pattern!r} not in:\n{text}"
+    return m.group(1)
+
+
+# ----------------------------------------------------------------------------------------
+# train -> test -> predict, for each model
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=MODELS)
+def trained(request, tmp_path_factory):
+    """One smoke epoch of `model` on real images, saved with --serialize."""
+    if not DATA.is_dir():
+        pytest.skip(f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
+    model = request.param
+    root = tmp_path_factory.mktemp(f"cli-{model}")
+    proc = cli("train", "--model", model, "--epochs", "1", "--workers", "0", "--serialize",
+               "--checkpoints", root / "models")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = float(printed(r"^test accuracy: (\d\.\d{4}) \(loss [\d.]+\) on 500 images", proc.stdout))
+    return SimpleNamespace(model=model, root=root, dir=root / "models", proc=proc, acc=acc,
+                           final=root / "models" / f"{model}.pt", last=root / "models" / f"{model}_last.pt")
+
+
+def test_train_writes_checkpoints_history_and_curves(trained):
+    from helpers.checkpoint import load_checkpoint, load_model
+    from helpers.models import MODELS as ARCHS
+
+    m, out = trained.model, trained.proc.stdout
+    assert f"training {m} with the {m} recipe" in out and "[smoke]" in out
+    assert "1,000 train" in out or "900 train / 100 validation" in out
+    assert re.search(r"^epoch +1/1 +train loss [\d.]+ acc [\d.]+", out, re.M)
+    assert sorted(os.listdir(trained.dir)) == sorted(
+        [f"{m}.pt", f"{m}_last.pt", f"{m}_history.json", f"{m}_curves.png"])   # nothing half-written
+    for kind in ("model", "history", "curves"):
+        assert re.search(rf"^saved {kind}: .*{re.escape(str(trained.dir))}", out, re.M)
+
+    final = load_checkpoint(trained.final)
+    assert final["arch"] == m and final["config"]["model"] == m and final["config"]["epochs"] == 1
+    assert "optimizer" not in final                                          # weights for test/predict
+    assert final["metrics"]["test_acc"] == pytest.approx(trained.acc, abs=5e-5)
+    assert len(final["mean"]) == 3 and len(final["std"]) == 3
+    assert np.allclose(final["mean"], (0.4914, 0.4822, 0.4465), atol=0.02)  # CIFAR-10's train stats
+    assert len(final["classes"]) == 10 and len(final["history"]["train_loss"]) == 1
+    model, _ = load_model(trained.final)
+    assert isinstance(model, ARCHS[m])
+
+    last = load_checkpoint(trained.last)                                     # resumable training state
+    assert last["epoch"] == 0 and "optimizer" in last and "rng" in last
+    assert last["history"]["train_loss"] == final["history"]["train_loss"]
+
+    record = json.loads((trained.dir / f"{m}_history.json").read_text())
+    assert record["model"] == m and record["config"] == final["config"]
+    assert record["history"]["test_acc"] == final["history"]["test_acc"]
+    assert record["test"]["acc"] == final["metrics"]["test_acc"] and record["test"]["images"] == 500
+    assert record["device"].split(":")[0].split(" ")[0] in {"cpu", "cuda", "mps"}
+    assert {"python", "torch", "numpy", "albumentations"} <= set(record["versions"])
+    assert "cifar10-jpg" in record["data"]["source"]
+    assert record["data"]["train_images"] + record["data"]["validation_images"] == 1000
+    assert record["wall_seconds"] > 0 and record["smoke"] is True and record["world_size"] == 1
+    assert_png(trained.dir / f"{m}_curves.png")
+
+
+def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
+    from helpers.data import CLASSES
+
+    proc = cli("test", "--model", trained.final, "--cm", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    m = re.search(r"^test accuracy: (\d\.\d{4}) \((\d+)/500 correct\)", out, re.M)
+    assert m, out
+    acc, n_correct = float(m.group(1)), int(m.group(2))
+    assert acc == pytest.approx(n_correct / 500, abs=5e-5)
+    # the same 500 smoke test images with the checkpoint's mean/std: what training reported
+    assert abs(acc - trained.acc) <= 1 / 500 + 1e-4
+
+    per_class = {c: re.search(rf"^{c} +50 +(\d+) +(\d\.\d{{4}})$", out, re.M) for c in CLASSES}
+    assert all(per_class.values()), out
+    assert sum(int(v.group(1)) for v in per_class.values()) == n_correct
+    assert all(float(v.group(2)) == pytest.approx(int(v.group(1)) / 50, abs=5e-5) for v in per_class.values())
+
+    rows = re.findall(r"^(plane|car|bird|cat|deer|dog|frog|horse|ship|truck)((?: +\d+){10})$", out, re.M)
+    assert [r[0] for r in rows] == ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    cm = np.array([[int(v) for v in r[1].split()] for r in rows])
+    assert (cm.sum(1) == 50).all() and np.trace(cm) == n_correct
+    assert [int(per_class[c].group(1)) for c in CLASSES] == list(np.diag(cm))
+
+    for what, name in (("confusion matrix", "confusion"), ("predictions", "predictions")):
+        path = Path(printed(rf"^saved {what}: (.+)$", out))
+        assert path == tmp_path / "out" / f"{trained.model}_{name}.png"
+        assert_png(path)
+
+
+def _sample_images(tmp_path):
+    """A real CIFAR-10 test JPEG, a 100x60 RGBA PNG and a 32x32 greyscale PNG."""
+    from PIL import Image
+
+    real = sorted((DATA / "test" / "cat").iterdir())[0]
+    shutil.copy(real, tmp_path / "cat.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 100, 4), dtype=np.uint8), "RGBA").save(tmp_path / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").save(tmp_path / "grey.png")
+    return [tmp_path / "cat.jpg", tmp_path / "wide.png", tmp_path / "grey.png"]
+
+
+def _top_k(stdout: str, image) -> list[tuple[str, float]]:
+    block = re.search(rf"^{re.escape(str(image))}\n((?:  \d\. .+\n?)+)", stdout, re.M)
+    assert block, stdout
+    lines = re.findall(r"^  (\d)\. (\w+) +(\d+\.\d)%$", block.group(1), re.M)
+    return [(name, float(p) / 100) for _, name, p in lines]
+
+
+def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
+    import torch
+
+    from helpers.augment import test_transforms
+    from helpers.checkpoint import load_model
+    from helpers.data import CLASSES
+
+    images = _sample_images(tmp_path)
+    proc = cli("predict", "--model", trained.final, *images, "--plot", tmp_path / "probs.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"model: {trained.final} ({trained.model})" in proc.stdout
+    for image in images:
+        top = _top_k(proc.stdout, image)
+        assert len(top) == 3 and len({c for c, _ in top}) == 3 and all(c in CLASSES for c, _ in top)
+        probs = [p for _, p in top]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 2e-3
+    assert "wide.png: converted RGBA to RGB" in proc.stderr
+    assert "wide.png: resized 100x60 to 32x32" in proc.stderr
+    assert "grey.png: converted greyscale (L) to RGB" in proc.stderr
+    assert "cat.jpg" not in proc.stderr                  # a 32x32 RGB image needs no notice
+    assert Path(printed(r"^saved plot: (.+)$", proc.stdout)) == tmp_path / "probs.png"
+    assert_png(tmp_path / "probs.png")
+
+    # the printed probabilities are the model's, on the image normalised with the checkpoint's stats
+    from PIL import Image
+
+    model, ckpt = load_model(trained.final)
+    x = test_transforms(ckpt["mean"], ckpt["std"])(image=np.asarray(Image.open(images[0])))["image"]
+    with torch.no_grad():
+        p = model(x[None]).softmax(1)[0].numpy()
+    expected = [(CLASSES[i], float(p[i])) for i in np.argsort(-p)[:3]]
+    got = _top_k(proc.stdout, images[0])
+    assert [c for c, _ in got] == [c for c, _ in expected]
+    assert np.allclose([q for _, q in got], [q for _, q in expected], atol=1.5e-3)
+
+    if trained.model == "resnet9":
+        # with no --model: the newer of ./models/resnet9.pt and the shipped model
+        from helpers.config import SHIPPED_MODEL
+
+        (tmp_path / "models").mkdir()
+        shutil.copy(trained.final, tmp_path / "models" / "resnet9.pt")
+        proc = cli("predict", images[0], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        expected_model = "models/resnet9.pt"
+        if SHIPPED_MODEL.is_file() and SHIPPED_MODEL.stat().st_mtime > (tmp_path / "models" / "resnet9.pt").stat().st_mtime:
+            expected_model = str(SHIPPED_MODEL)
+        assert f"model: {expected_model} (resnet9)" in proc.stdout
+
+
+@needs_data
+def test_dry_run_trains_one_epoch_and_saves_nothing(tmp_path):
+    proc = cli("train", "--model", "compact", "--dry-run", "--workers", "0", "--checkpoints", tmp_path / "ck",
+               env={"SMOKE_TEST": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[smoke] [dry run]" in proc.stdout and "1 epoch," in proc.stdout
+    assert re.search(r"^epoch +1/1 ", proc.stdout, re.M) and "test accuracy:" in proc.stdout
+    assert "dry run: nothing saved" in proc.stdout
+    assert not (tmp_path / "ck").exists()
+
+
+def _write_tree(root: Path, per_class: int, value: int) -> Path:
+    from PIL import Image
+
+    from helpers.data import CLASSES
+
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_train_and_test_splits_can_come_from_two_folders(tmp_path, monkeypatch):
+    """--train_path A --test_path B: the training split of A, the test split of B."""
+    from helpers.cli import load_data
+
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    a, b = _write_tree(tmp_path / "a", 2, 10), _write_tree(tmp_path / "b", 3, 200)
+    data = load_data(a, b)
+    assert len(data.train_labels) == 20 and (data.train_images == 10).all()
+    assert len(data.test_labels) == 30 and (data.test_images == 200).all()
+    assert data.source == f"train: image folder {a}; test: image folder {b}"
+    same = load_data(a, tmp_path / "a" / ".." / "a")                  # one folder: loaded once
+    assert len(same.test_labels) == 20 and same.source == f"image folder {a}"
+    only_test = load_data(None, b)                                    # both splits from the one given
+    assert len(only_test.train_labels) == len(only_test.test_labels) == 30
+
+
+# ----------------------------------------------------------------------------------------
+# --help: every flag, with its default
+# ----------------------------------------------------------------------------------------
+def _help_entries(text: str) -> dict[str, str]:
+    """Option string -> its whole help entry, from argparse's --help output."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*?)(?:  +(.*))?$", line)
+        if m:
+            current = [m.group(2) or ""]
+            for opt in re.findall(r"(--?[\w-]+)", m.group(1)):
+                entries[opt] = current
+        elif current is not None and line.startswith("    "):
+            current.append(line.strip())
+        else:
+            current = None
+    return {k: " ".join(v) for k, v in entries.items()}
+
+
+@pytest.mark.parametrize("command", ["train", "test", "predict"])
+def test_help_shows_every_flag_with_its_default(command):
+    from helpers.cli import build_parser
+
+    proc = cli(command, "--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    entries = _help_entries(proc.stdout)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= (20 if command == "train" else 5)
+    for action in flags:
+        for opt in action.option_strings:
+            assert opt in entries, f"{opt} missing from `{command} --help`"
+        assert re.search(r"\((?:[^()]|\([^()]*\))*(default|required)", entries[action.option_strings[0]]), \
+            f"{action.option_strings[0]} states no default: {entries[action.option_strings[0]]!r}"
+    # seed 003's flags and aliases
+    seed003 = {"train": ["--epochs", "--e", "--verbose", "--v", "--train_path", "--test_path", "--checkpoints",
+                         "--train_batch", "--test_batch", "--learning_rate", "--lr", "--momentum", "--m",
+                         "--serialize", "--s", "--smoke", "--seed", "--device", "--workers", "--resume",
+                         "--fast-augment", "--amp", "--channels-last", "--compile", "--dry-run", "--model",
+                         "--recipe"],
+               "test": ["--model", "--test_path", "--tp", "--batch", "--confusion", "--cm", "--out"],
+               "predict": ["--model", "--plot", "--top"]}[command]
+    assert set(seed003) <= set(entries)
+    if command == "train":
+        assert "(default: ./models/)" in entries["--checkpoints"]
+        assert "effective batch is N x --train_batch" in proc.stdout
+    if command == "test":
+        assert "(default: 256" in entries["--batch"]
+
+
+# ----------------------------------------------------------------------------------------
+# errors: one line, the right exit status, no traceback
+# ----------------------------------------------------------------------------------------
+def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
+    """name -> (argv, subprocess options, exit status, pattern of the error line)."""
+    import torch
+
+    from helpers.checkpoint import save_checkpoint
+    from helpers.config import recipe
+    from helpers.models import get_model
+
+    r = recipe("compact", smoke=True)
+    model = get_model("compact")
+    opt = torch.optim.NAdam(model.parameters(), lr=r.lr)
+    train_state = save_checkpoint(tmp / "compact_last.pt", model, "compact", optimizer=opt.state_dict(),
+                                  scheduler=None, epoch=0, history={}, config=r.to_dict())
+    weights = save_checkpoint(tmp / "compact.pt", model, "compact", config=r.to_dict(),
+                              mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+    (tmp / "trunc.pt").write_bytes(weights.read_bytes()[:2000])
+    (tmp / "notes.txt").write_text("not an image\n")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp / "img.png")
+    (tmp / "file.txt").write_text("a file, so nothing can be created below it\n")
+    (tmp / "empty").mkdir()
+    (tmp / "cwd").mkdir()
+    nope = tmp / "nope"
+    cases = {
+        # usage errors: exit 2
+        "unknown model": (("train", "--model", "alexnet"), {}, 2, r"^error: argument --model: invalid choice: 'alexnet'"),
+        "zero epochs": (("train", "--epochs", "0"), {}, 2,
+                        r"^error: argument --epochs/--e: must be a positive whole number, got 0"),
+        "negative epochs alias": (("train", "--e", "-3"), {}, 2, r"argument --epochs/--e: must be a positive whole number, got -3"),
+        "negative batch": (("train", "--train_batch", "-1"), {}, 2,
+                           r"^error: argument --train_batch: must be a positive whole number, got -1"),
+        "zero test batch": (("test", "--model", weights, "--batch", "0"), {}, 2, r"argument --batch/--test_batch: must be a positive"),
+        "zero lr": (("train", "--lr", "0"), {}, 2, r"^error: argument --learning_rate/--lr: must be a positive number, got 0"),
+        "negative lr": (("train", "--learning_rate", "-1e-3"), {}, 2, r"--learning_rate/--lr: must be a positive number"),
+        "lr not a number": (("train", "--lr", "fast"), {}, 2, r"--learning_rate/--lr: must be a number, got 'fast'"),
+        "momentum out of range": (("train", "--m", "1.5"), {}, 2, r"--momentum/--m: must be in \[0, 1\)"),
+        "no command": ((), {}, 2, r"^error: the following arguments are required: COMMAND"),
+        "no images": (("predict",), {}, 2, r"^error: the following arguments are required: IMAGE"),
+        "peak beyond epochs": (("train", "--model", "resnet9", "--epochs", "2", "--peak-epoch", "3"), {}, 2,
+                               r"^error: --peak-epoch 3 is beyond the 2 epochs: choose 1..2$"),
+        "recipe peak beyond epochs": (("train", "--model", "resnet9", "--no-smoke", "--epochs", "3"), {}, 2,
+                                      r"recipe peaks at epoch 5 but only 3 epochs .*add --peak-epoch N"),
+        "peak epoch on a constant LR": (("train", "--model", "vgg", "--peak-epoch", "2"), {}, 2,
+                                        r"--peak-epoch shapes the OneCycle schedule, but the vgg recipe"),
+        "tuned recipe for vgg": (("train", "--model", "vgg", "--recipe", "tuned"), {}, 2, r"--recipe tuned is a resnet9 recipe"),
+        "unknown device": (("train", "--device", "tpu"), {}, 2, r"^error: unknown device 'tpu'"),
+        "fast augment on seed004": (("train", "--model", "compact", "--fast-augment"), {}, 2, r"drop --fast-augment"),
+        "resume with other settings": (("train", "--model", "compact", "--resume", train_state, "--lr", "0.1",
+                                        "--checkpoints", tmp / "ck1"), {}, 2,
+                                       r"cannot resume .*compact_last.pt with other settings \(lr 0.0025 -> 0.1\)"),
+        # other problems: exit 1
+        "wrong train path": (("train", "--train_path", nope, "--checkpoints", tmp / "ck2"), {}, 1,
+                             rf"^error: --train_path {re.escape(str(nope))} does not exist: .*add --download"),
+        "wrong test path": (("train", "--test_path", nope, "--checkpoints", tmp / "ck3"), {}, 1,
+                            r"^error: --test_path .*nope does not exist"),
+        "empty data folder": (("train", "--train_path", tmp / "empty", "--checkpoints", tmp / "ck4"), {}, 1,
+                              r"^error: dataset folder .*empty holds neither .* or add --download$"),
+        "wrong CIFAR10_DIR": (("train", "--checkpoints", tmp / "ck5"), {"env": {"CIFAR10_DIR": str(nope)}}, 1,
+                              r"^error: CIFAR10_DIR=.*nope does not exist"),
+        "wrong test --tp": (("test", "--model", weights, "--tp", nope), {}, 1, r"^error: --test_path .*nope does not exist"),
+        "resume other arch": (("train", "--model", "resnet9", "--resume", train_state, "--checkpoints", tmp / "ck6"), {}, 1,
+                              r"^error: cannot resume .*compact_last.pt: it holds a compact model, not resnet9; add --model compact"),
+        "resume final weights": (("train", "--model", "compact", "--resume", weights, "--checkpoints", tmp / "ck7"), {}, 1,
+                                 r"holds final weights only, not a training state"),
+        "resume missing": (("train", "--model", "compact", "--resume", tmp / "missing.pt", "--checkpoints", tmp / "ck8"), {}, 1,
+                           r"^error: checkpoint .*missing.pt does not exist"),
+        "truncated checkpoint (test)": (("test", "--model", tmp / "trunc.pt"), {}, 1,
+                                        r"^error: checkpoint .*trunc.pt is truncated or not a PyTorch file"),
+        "truncated checkpoint (predict)": (("predict", "--model", tmp / "trunc.pt", tmp / "img.png"), {}, 1,
+                                           r"trunc.pt is truncated or not a PyTorch file"),
+        "missing checkpoint": (("test", "--model", tmp / "missing.pt"), {}, 1, r"^error: checkpoint .*missing.pt does not exist"),
+        "non-image file": (("predict", "--model", weights, tmp / "img.png", tmp / "notes.txt"), {}, 1,
+                           r"^error: .*notes.txt is not a readable image"),
+        "missing image": (("predict", "--model", weights, tmp / "gone.png"), {}, 1, r"^error: .*gone.png does not exist"),
+        "unwritable checkpoints": (("train", "--checkpoints", tmp / "file.txt" / "sub"), {}, 1,
+                                   r"^error: cannot write to .*file.txt/sub \(.+\): choose a writable folder with --checkpoints$"),
+        "unwritable test --out": (("test", "--model", weights, "--out", tmp / "file.txt" / "sub"), {}, 1,
+                                  r"cannot write to .*file.txt/sub .*with --out$"),
+        "unwritable predict --plot": (("predict", "--model", weights, tmp / "img.png", "--plot", tmp / "file.txt" / "p.png"), {}, 1,
+                                      r"cannot write to .*file.txt \(.+\): choose a writable folder with --plot$"),
+    }
+    from helpers.config import SHIPPED_MODEL
+
+    if not SHIPPED_MODEL.is_file():
+        cases["no default model"] = (("predict", tmp / "img.png"), {"cwd": tmp / "cwd"}, 1,
+                                     r"^error: no model to predict with: .*pass --model PATH")
+    if os.geteuid() != 0:                         # root ignores permissions
+        (tmp / "readonly").mkdir()
+        (tmp / "readonly").chmod(0o555)
+        cases["read-only checkpoints"] = (("train", "--checkpoints", tmp / "readonly" / "models"), {}, 1,
+                                          r"^error: cannot write to .*readonly/models")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def error_cases(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    yield _error_cases(tmp)
+    if (tmp / "readonly").exists():
+        (tmp / "readonly").chmod(0o755)
+
+
+ERROR_NAMES = ["unknown model", "zero epochs", "negative epochs alias", "negative batch", "zero test batch", "zero lr",
+               "negative lr", "lr not a number", "momentum out of range", "no command", "no images",
+               "peak beyond epochs", "recipe peak beyond epochs", "peak epoch on a constant LR", "tuned recipe for vgg", "unknown device",
+               "fast augment on seed004", "resume with other settings", "wrong train path", "wrong test path",
+               "empty data folder", "wrong CIFAR10_DIR", "wrong test --tp", "resume other arch", "resume final weights",
+               "resume missing", "truncated checkpoint (test)", "truncated checkpoint (predict)", "missing checkpoint",
+               "non-image file", "missing image", "unwritable checkpoints", "unwritable test --out",
+               "unwritable predict --plot", "no default model", "read-only checkpoints"]
+# These also run as real processes (in parallel), to check what a shell sees: the exit status,
+# stderr holding nothing but the error line, and no traceback.
+IN_SUBPROCESS = ["unknown model", "zero epochs", "negative lr", "peak beyond epochs", "wrong train path",
+                 "wrong CIFAR10_DIR", "resume other arch", "truncated checkpoint (test)", "non-image file",
+                 "unwritable checkpoints", "no default model"]
+
+
+class _Proc:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_in_process(argv, capsys, monkeypatch, env=None, cwd=None) -> _Proc:
+    """helpers.cli.main(argv) in this process, with the environment the subprocesses get."""
+    from helpers.cli import main
+
+    monkeypatch.setenv("SMOKE_TEST", "1")
+    monkeypatch.setenv("CIFAR10_DIR", str(DATA))
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:                 # argparse's usage errors
+        status = e.code
+    out, err = capsys.readouterr()
+    return _Proc(status, out, err)
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_errors_are_one_line_without_traceback(error_cases, name, capsys, monkeypatch):
+    if name not in error_cases:
+        pytest.skip("a shipped model exists" if name == "no default model" else "running as root ignores permissions")
+    argv, opts, status, pattern = error_cases[name]
+    assert_fails(run_in_process(argv, capsys, monkeypatch, **opts), status, pattern)
+
+
+def test_errors_in_real_processes(error_cases):
+    names = [n for n in IN_SUBPROCESS if n in error_cases]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        runs = {n: pool.submit(cli, *error_cases[n][0], **error_cases[n][1]) for n in names}
+        for name, future in runs.items():
+            proc = future.result()
+            line = assert_fails(proc, error_cases[name][2], error_cases[name][3])
+            assert proc.stderr == line + "\n" and proc.stdout == "", name    # nothing else on stderr
+
+
+def test_verbose_adds_the_traceback(tmp_path):
+    proc = cli("test", "--model", tmp_path / "missing.pt", "--verbose")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: checkpoint ")
