@@ -74,6 +74,23 @@ def without_seconds(history: dict) -> dict:
     return {k: v for k, v in history.items() if k != "seconds"}
 
 
+def differences(a, b, where="") -> list[str]:
+    """Where two checkpoints (nested dicts, lists, tensors, numbers) are not exactly equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where} keys"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where} length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where]
+
+
 @pytest.mark.parametrize("workers, epochs", [(0, 3), (2, 2)])
 def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, epochs):
     from helpers.checkpoint import load_checkpoint
@@ -110,6 +127,12 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not different, f"weights differ after resume: {different}"
     assert without_seconds(a["history"]) == without_seconds(b["history"])
+    # the final model holds the best epoch's weights (early stopping); the last training states
+    # hold the last epoch's weights, optimizer, early-stopping state and every RNG: all equal too
+    la, lb = load_checkpoint(full_dir / "compact_last.pt"), load_checkpoint(last)
+    assert la["epoch"] == lb["epoch"] == epochs - 1
+    la["history"], lb["history"] = without_seconds(la["history"]), without_seconds(lb["history"])
+    assert not differences(la, lb), differences(la, lb)[:10]
     assert len(a["history"]["train_loss"]) == epochs and len(a["history"]["lr"]) == epochs * 15
     assert a["metrics"] == b["metrics"]
     ja = json.loads((full_dir / "compact_history.json").read_text())
