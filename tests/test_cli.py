@@ -12,7 +12,6 @@ with exactly one `error: ...` line on stderr, the documented exit status, and no
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -79,10 +78,6 @@ def assert_png(path) -> None:
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 100 and im.height > 100
         im.verify()
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def printed(pattern: str, text: str) -> str:
