@@ -9,9 +9,7 @@ Only plain types and tensors are stored, so it loads with torch.load(weights_onl
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .files import atomic_write
 from .models import MODELS, get_model
 
 FORMAT = 1
@@ -73,20 +72,11 @@ def save_checkpoint(path, model: nn.Module, arch: str, **fields) -> Path:
     path = Path(path)
     state = {"format": FORMAT, "arch": arch, "model": unwrap(model).state_dict(), **fields}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror}): "
-                              "choose a writable folder with --checkpoints") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror or e}): "
+                              "choose a writable folder with --checkpoints") from None
     return path
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import config
 from .errors import CheckpointError, ConfigError, CourseError, DatasetError, ImageError
+from .files import save_json
 
 MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact
 RECIPE_CHOICES = {"seed": None, "tuned": "resnet9-tuned"}   # --recipe -> key of config.RECIPES
@@ -63,45 +64,27 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
-    return value
+def _number(kind, check, requirement: str, hint: str = ""):
+    """An argparse type: parse `kind` (int or float), then require `check(value)`."""
+    noun = "whole number" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {noun}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}{hint}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive number, got {text} (the recipes use 2.54e-3 for Adam, 1e-3 for SGD)")
-    return value
-
-
-def momentum_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text} (the recipes use 0.9)")
-    return value
+positive_int = _number(int, lambda v: v > 0, "a positive whole number")
+non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number",
+                         " (the recipes use 2.54e-3 for Adam, 1e-3 for SGD)")
+momentum_value = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", " (the recipes use 0.9)")
 
 
 def _per_model(field: str) -> str:
@@ -355,29 +338,11 @@ def _writable_dir(path: Path, flag: str) -> Path:
 
 
 def write_json(path: Path, obj) -> Path:
-    """Write `obj` as JSON atomically (temporary file in the same folder, then a rename)."""
-    path = Path(path)
+    """Write `obj` as JSON atomically, with a one-line error for an unwritable folder."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f, indent=1, default=_jsonable)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return save_json(path, obj)
     except OSError as e:
         raise CheckpointError(f"cannot write {path} ({e.strerror}): choose a writable folder") from None
-    return path
-
-
-def _jsonable(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return repr(x)
 
 
 def _save_png(fig, path: Path, flag: str = "--out") -> Path:

@@ -15,7 +15,7 @@ import hashlib
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import config
 from .errors import ConfigError, DatasetError, require_positive
+from .files import atomic_write
 
 # ----------------------------------------------------------------------------------------
 # What CIFAR-10 is
@@ -286,10 +287,8 @@ def _progress(items, desc: str):
 def _save_cache(cache_file: Path, arrays: dict) -> None:
     """Write the decoded arrays atomically; a read-only cache folder just means no cache."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache_file)
+        with atomic_write(cache_file) as f:
+            np.savez(f, **arrays)
     except OSError:
         pass
 

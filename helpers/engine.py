@@ -12,7 +12,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from . import augment as aug
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from .config import Recipe
-from .data import CIFAR10Data, epoch_seed, make_loader
+from .data import CIFAR10Data, make_loader
 from .errors import CheckpointError, ConfigError, DivergenceError, require_positive
 from .models import get_model
 
@@ -168,9 +167,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn=None, device="c
             out = model(x)
             loss = loss_fn(out, y)
         if not torch.isfinite(loss):
+            before = f", after a step at LR {lrs[-1]:.3g}" if lrs and lrs[-1] != lr else ""
             raise DivergenceError(
-                f"loss became {loss.item()} at step {step_offset + i} (LR {lr:.3g}): "
-                f"the LR is too high; try a lower one, e.g. {lr / 10:.3g}")
+                f"loss became {loss.item()} at step {step_offset + i} (LR {lr:.3g}{before}): "
+                f"the LR is too high; try a lower one, e.g. {max([lr] + lrs[-1:]) / 10:.3g}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -276,8 +276,11 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
         loss_fn=None, device=None, amp: str | None = None, channels_last: bool = False,
         early_stopping: int | EarlyStopping | None = None, checkpoint_path=None, resume=None,
         arch: str | None = None, config: dict | None = None, fast_augment: bool = False,
-        tta_flip: bool = False, progress: bool = True, log=print) -> dict:
+        tta_flip: bool = False, eval_name: str = "test", progress: bool = True, log=print) -> dict:
     """Train for `epochs`, evaluating on `test_loader` after each; returns the history.
+
+    `eval_name` says what `test_loader` holds ("test", or "val" for a validation split) in
+    the log lines; the history keys stay test_loss/test_acc either way.
 
     - The scheduler steps once per batch (OneCycle).
     - amp="bf16" (or "fp16", with a grad scaler) runs the forward pass under autocast on CUDA;
@@ -357,7 +360,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
                 stop = early_stopping.step(te["acc"], model, epoch)
             if progress:
                 log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                    f"test loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
+                    f"{eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model, arch, optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict() if scheduler is not None else None,
@@ -371,8 +374,9 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
             stop = flag[0]
         if stop:
             if main and progress:
-                log(f"early stopping after epoch {epoch + 1}: no better test accuracy for "
-                    f"{early_stopping.patience} epochs; restoring epoch {early_stopping.best_epoch + 1}")
+                n = early_stopping.patience
+                log(f"early stopping after epoch {epoch + 1}: no better {eval_name} accuracy for "
+                    f"{n} epoch{'s' if n != 1 else ''}; restoring epoch {early_stopping.best_epoch + 1}")
             break
     if early_stopping is not None:
         if distributed:
@@ -441,7 +445,8 @@ def train(recipe: Recipe, data: CIFAR10Data, device=None, workers: int = 0, chec
                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device, amp,
                   channels_last, recipe.early_stopping_patience, checkpoint_path, resume,
                   arch=recipe.model, config=recipe.to_dict(), fast_augment=fast_augment,
-                  tta_flip=recipe.tta_flip, progress=progress, log=log)
+                  tta_flip=recipe.tta_flip, eval_name="val" if recipe.val_split > 0 else "test",
+                  progress=progress, log=log)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
     test = evaluate(model, test_loader, device=device, amp=amp, channels_last=channels_last,
                     tta_flip=recipe.tta_flip, progress=False) if _is_main() else None

@@ -17,9 +17,7 @@ import functools
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import nn
 
 from . import config
 from .errors import ConfigError, require_positive
+from .files import save_json
 
 LR_CHOICE_FILE = config.ARTIFACTS_DIR / "lr_choice.json"   # written by notebook 03, read by 04
 SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
@@ -227,20 +226,9 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
     record = {"lr_max": float(lr_max), "lr_min": float(lr_min), "source": info.pop("source", "manual"),
               **info}
     try:
-        text = json.dumps(record, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        save_json(path, record, indent=2)
     except ValueError as e:
         raise ConfigError(f"cannot write the LR choice as JSON: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

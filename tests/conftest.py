@@ -14,10 +14,34 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg"
 
 
+def _data_dir() -> Path:
+    """$CIFAR10_DIR (a relative one is read from the current folder, else the repo root),
+    else ../shared/data/cifar10-jpg beside the checkout."""
+    env = os.environ.get("CIFAR10_DIR")
+    if not env:
+        return SHARED_DATA
+    path = Path(env).expanduser()
+    if not path.is_absolute() and not path.is_dir():
+        path = REPO / path
+    return path.resolve()
+
+
+DATA = _data_dir()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
+
+
 def real_data_dir() -> Path | None:
     """The real dataset folder, or None when this machine has none."""
-    path = Path(os.environ.get("CIFAR10_DIR") or SHARED_DATA)
-    return path if path.exists() else None
+    return DATA if DATA.is_dir() else None
+
+
+def smoke_env(**extra: str) -> dict:
+    """The environment for a `python -m helpers ...` subprocess: smoke mode on the real data,
+    one torch thread (so float sums round the same way in every run), no display."""
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "NO_ALBUMENTATIONS_UPDATE": "1",
+            "PYTHONPATH": pythonpath, **extra}
 
 
 @pytest.fixture(scope="session")

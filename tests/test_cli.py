@@ -25,30 +25,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import DATA, REPO, needs_data, smoke_env
 MODELS = ("compact", "resnet9", "vgg")
 
-
-def _data_dir() -> Path:
-    env = os.environ.get("CIFAR10_DIR")
-    if not env:
-        return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
-    path = Path(env).expanduser()
-    if not path.is_absolute():                      # CI: relative to the repo root
-        path = path if (Path.cwd() / path).is_dir() and not (REPO / path).is_dir() else REPO / path
-    return path.resolve()
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
 
 
 def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `python -m helpers ARGS` in smoke mode on the real data; capture its output."""
-    full_env = {**os.environ, "SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "MPLBACKEND": "Agg",
-                "NO_ALBUMENTATIONS_UPDATE": "1",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    full_env.update(env or {})
+    full_env = smoke_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 

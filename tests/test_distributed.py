@@ -21,35 +21,19 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import DATA, REPO, smoke_env
 
-
-def _data_dir() -> Path:
-    env = os.environ.get("CIFAR10_DIR")
-    if not env:
-        return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
-    path = Path(env).expanduser()
-    if not path.is_absolute():                      # CI: relative to the repo root
-        path = path if (Path.cwd() / path).is_dir() and not (REPO / path).is_dir() else REPO / path
-    return path.resolve()
-
-
-DATA = _data_dir()
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this PyTorch build has no torch.distributed with gloo")
 TOLERANCE = 0.10       # |DDP accuracy - single-process accuracy|
 FLOOR = 0.18           # both well above chance (0.10)
 
 
-def _env() -> dict:
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "OMP_NUM_THREADS": "1",
-            "MPLBACKEND": "Agg", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": pythonpath}
+_env = smoke_env
 
 
 @needs_gloo

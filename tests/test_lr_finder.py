@@ -252,7 +252,9 @@ def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lr_finder.os, "replace", broken_replace)
+    from helpers import files
+
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         lr_finder.save_lr_choice(path, 5e-3)
     assert path.read_text() == before

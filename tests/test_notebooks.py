@@ -16,7 +16,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = ["01_data_exploration.ipynb", "02_augmentation_preview.ipynb", "03_lr_finder.ipynb",
             "04_training.ipynb", "05_error_analysis.ipynb"]
 REPO_URL = "github.com/cifar10-course/cifar10-course"
-COLAB_URL = f"https://colab.research.google.com/github/cifar10-course/cifar10-course/blob/main/notebooks/"
+COLAB_URL = "https://colab.research.google.com/github/cifar10-course/cifar10-course/blob/main/notebooks/"
 IGNORE = "# NBVAL_IGNORE_OUTPUT"
 
 

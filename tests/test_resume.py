@@ -30,30 +30,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import DATA, REPO, smoke_env
 
-
-def _data_dir() -> Path:
-    env = os.environ.get("CIFAR10_DIR")
-    if not env:
-        return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
-    path = Path(env).expanduser()
-    if not path.is_absolute():                      # CI: relative to the repo root
-        path = path if (Path.cwd() / path).is_dir() and not (REPO / path).is_dir() else REPO / path
-    return path.resolve()
-
-
-DATA = _data_dir()
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
 
-ENV = {"SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-       "MPLBACKEND": "Agg", "NO_ALBUMENTATIONS_UPDATE": "1"}
 RUN = ("train", "--model", "compact", "--patience", "2", "--seed", "0", "--device", "cpu", "--serialize")
 
 
-def _env() -> dict:
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, **ENV, "PYTHONPATH": pythonpath}
+_env = smoke_env
 
 
 def start(*args, **kwargs) -> subprocess.Popen:
