@@ -114,3 +114,13 @@ def load_model(path, device="cpu", expect_arch: str | None = None):
         raise CheckpointError(f"the weights in {path} do not fit the {arch} architecture: "
                               "the file was saved from a different model") from None
     return model.to(device).eval(), ckpt
+
+
+def freshest_checkpoint(candidates, hint: str) -> Path:
+    """The most recently written of the `candidates` that exist: a model trained here wins
+    over the shipped one unless it is older. `hint` says how to get one when none exists."""
+    found = [Path(p) for p in candidates if Path(p).is_file()]
+    if not found:
+        raise CheckpointError(f"no trained model: none of {', '.join(str(p) for p in candidates)} "
+                              f"exists; {hint}")
+    return max(found, key=lambda p: p.stat().st_mtime)

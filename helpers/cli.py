@@ -595,12 +595,10 @@ def cmd_test(args) -> int:
 # ----------------------------------------------------------------------------------------
 def default_model() -> Path:
     """The newer of ./models/resnet9.pt (what `train --serialize` writes) and the shipped model."""
-    candidates = [p for p in (config.DEFAULT_CHECKPOINT_DIR / "resnet9.pt", config.SHIPPED_MODEL) if p.is_file()]
-    if not candidates:
-        raise CheckpointError(f"no model to predict with: neither {config.DEFAULT_CHECKPOINT_DIR / 'resnet9.pt'} "
-                              f"nor {_rel(config.SHIPPED_MODEL)} exists; train one with "
-                              "`python -m helpers train --serialize` or pass --model PATH")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    from .checkpoint import freshest_checkpoint
+
+    return freshest_checkpoint((config.DEFAULT_CHECKPOINT_DIR / "resnet9.pt", config.SHIPPED_MODEL),
+                               "train one with `python -m helpers train --serialize` or pass --model PATH")
 
 
 def read_image(path):

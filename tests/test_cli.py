@@ -404,7 +404,7 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
 
     if not SHIPPED_MODEL.is_file():
         cases["no default model"] = (("predict", tmp / "img.png"), {"cwd": tmp / "cwd"}, 1,
-                                     r"^error: no model to predict with: .*pass --model PATH")
+                                     r"^error: no trained model: none of .*pass --model PATH")
     if os.geteuid() != 0:                         # root ignores permissions
         (tmp / "readonly").mkdir()
         (tmp / "readonly").chmod(0o555)
