@@ -15,7 +15,9 @@ Prints three tables in images per second:
 Untimed warm-up batches come first; on CUDA the device is synchronised before each timer read.
 Data figures are (timed batches x batch size) / their total seconds. Train and eval steps are
 timed one by one: batch size / the median step (robust to other processes' bursts on a shared
-machine), the mean-based figure beside it. It asserts nothing about speed.
+machine), the mean-based figure beside it, with the share of the CPU that other processes used
+meanwhile (on Linux); a measurement disturbed by them is taken again (--retries) and the least
+disturbed try kept. It asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ WARMUP = {"cuda": 10, "cpu": 2}     # untimed batches before every measurement
 MODELS = ("resnet9", "vgg", "compact")
 PRECISIONS = ("fp32", "bf16")       # bf16 = torch.autocast(dtype=torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last")
+RETRIES = 2                         # measure a train/eval step again while others use the CPU...
+MAX_OTHERS = 0.1                    # ...more than this share of it (0.5 = one of 2 cores)
 DRY_RUN = dict(data_batch=32, data_batches=2, workers=(0, 1), train_batch=16, eval_batch=32,
-               steps=1, warmup=1)   # --dry-run: the smoke subset and these sizes
+               steps=1, warmup=1, retries=0)   # --dry-run: the smoke subset and these sizes
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,6 +152,26 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_ticks():
+    """(busy ticks of the whole machine, this process's ticks) from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return sum(v) - v[3] - v[4], (own.user + own.system) * os.sysconf("SC_CLK_TCK"), sum(v)
+
+
+def others_cpu(before, after) -> float | None:
+    """The share of the machine's CPU that other processes used between two cpu_ticks():
+    0.5 on 2 cores = one core kept busy by someone else, which slows every figure down."""
+    if before is None or after is None or after[2] == before[2]:
+        return None
+    busy, own, total = (a - b for a, b in zip(after, before))
+    return round(min(max((busy - own) / total, 0.0), 1.0), 2)
+
+
 def endless(loader):
     """The loader's batches, epoch after epoch (a measurement may outlast one epoch)."""
     epoch = 0
@@ -229,7 +253,25 @@ def bf16_unsupported(device: torch.device) -> str | None:
     return None
 
 
-def bench_train(name, data, device, precision, layout, batch, n, warmup) -> dict:
+def measure(step, n: int, warmup: int, device, retries: int):
+    """Seconds of n single steps after `warmup` untimed ones. While other processes take more
+    than MAX_OTHERS of the machine's CPU, measure again (at most `retries` times) and keep the
+    least disturbed try. Returns (step seconds, others' CPU share, tries)."""
+    for _ in range(warmup):
+        timed(step, device)
+    best = None
+    for attempt in range(1, retries + 2):
+        t0 = cpu_ticks()
+        seconds = [timed(step, device) for _ in range(n)]
+        others = others_cpu(t0, cpu_ticks())
+        if best is None or (others or 0) < (best[1] or 0):
+            best = (seconds, others)
+        if others is None or others <= MAX_OTHERS:
+            break
+    return best[0], best[1], attempt
+
+
+def bench_train(name, data, device, precision, layout, batch, n, warmup, retries) -> dict:
     setting = f"{precision}, {layout}"
     if precision == "bf16" and bf16_unsupported(device):
         return row("train", name, setting, 0, None, precision=precision, layout=layout,
@@ -250,17 +292,16 @@ def bench_train(name, data, device, precision, layout, batch, n, warmup) -> dict
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timed(lambda: steps(warmup), device)
-        seconds = [timed(lambda: steps(1), device) for _ in range(n)]
+        seconds, others, tries = measure(lambda: steps(1), n, warmup, device, retries)
     except (RuntimeError, NotImplementedError) as e:   # an unsupported kernel: say so, go on
         return row("train", name, setting, 0, None, precision=precision, layout=layout,
                    batch_size=batch, na=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return step_row("train", name, setting, batch, seconds, precision=precision, layout=layout,
-                    optimizer=r.optimizer, peak_memory_bytes=peak)
+                    optimizer=r.optimizer, peak_memory_bytes=peak, others_cpu=others, tries=tries)
 
 
-def bench_eval(name, data, device, precision, batch, n, warmup) -> dict:
+def bench_eval(name, data, device, precision, batch, n, warmup, retries) -> dict:
     if precision == "bf16" and bf16_unsupported(device):
         return row("eval", name, precision, 0, None, precision=precision, batch_size=batch,
                    na=bf16_unsupported(device))
@@ -269,13 +310,12 @@ def bench_eval(name, data, device, precision, batch, n, warmup) -> dict:
     x, y = real_batch(data, device, batch, augment="none")
     amp = "bf16" if precision == "bf16" else None
     try:
-        timed(lambda: engine.evaluate(model, [(x, y)] * warmup, device=device, amp=amp, progress=False), device)
-        seconds = [timed(lambda: engine.evaluate(model, [(x, y)], device=device, amp=amp, progress=False), device)
-                   for _ in range(n)]
+        seconds, others, tries = measure(lambda: engine.evaluate(model, [(x, y)], device=device, amp=amp,
+                                                                 progress=False), n, warmup, device, retries)
     except (RuntimeError, NotImplementedError) as e:
         return row("eval", name, precision, 0, None, precision=precision, batch_size=batch,
                    na=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    return step_row("eval", name, precision, batch, seconds, precision=precision)
+    return step_row("eval", name, precision, batch, seconds, precision=precision, others_cpu=others, tries=tries)
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,6 +327,10 @@ def fmt(r: dict) -> str:
 
 def mean_fmt(r: dict) -> str:
     return f"{r['images_per_s_mean']:,.0f}" if r.get("images_per_s_mean") else "-"
+
+
+def others(r: dict) -> str:
+    return f"{100 * r['others_cpu']:.0f}%" if r.get("others_cpu") is not None else "-"
 
 
 def ms(r: dict) -> str:
@@ -301,29 +345,37 @@ def tables(results: dict) -> str:
            f"commit: {info['git']['commit']}{' (with uncommitted changes)' if info['git']['dirty'] else ''}",
            f"data: {info['data']['source']}" + (f" -- {info['data']['note']}" if info['data'].get('note') else ""),
            f"load average (1/5/15 min) at start {info['load_average_at_start']}, at end "
-           f"{info.get('load_average_at_end')} (other processes on the machine slow CPU figures down)",
-           ""]
-    data_rows = [r for r in results["rows"] if r["kind"] == "data"]
-    out += [f"### Data pipeline alone (batch {s['data_batch']}, {s['data_batches']} timed batches "
-            f"after {s['warmup']} warm-up, each batch moved to {info['device']})", "",
-            "| pipeline | setting | images/s |", "| --- | --- | ---: |"]
-    out += [f"| {r['name']} | {r['setting']} | {fmt(r)} |" for r in data_rows]
-    train_rows = [r for r in results["rows"] if r["kind"] == "train"]
+           f"{info.get('load_average_at_end')} (other processes on the machine slow CPU figures down)"]
+    rows = {k: [r for r in results["rows"] if r["kind"] == k] for k in ("data", "train", "eval")}
     cuda = info["device"].startswith("cuda")
-    out += ["", f"### Train step (batch {s['train_batch']}, {s['steps']} timed steps after {s['warmup']} "
-                f"warm-up; engine.train_one_epoch on one real batch)", "",
-            "| model | precision | layout | images/s (median step) | images/s (mean) | median ms/step |"
-            + (" peak MiB |" if cuda else ""),
-            "| --- | --- | --- | ---: | ---: | ---: |" + (" ---: |" if cuda else "")]
-    for r in train_rows:
-        mem = (f" {r['peak_memory_bytes'] / 2**20:,.0f} |" if r.get("peak_memory_bytes") else " - |") if cuda else ""
-        out.append(f"| {r['name']} | {r['precision']} | {r['layout']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} |{mem}")
-    eval_rows = [r for r in results["rows"] if r["kind"] == "eval"]
-    out += ["", f"### Evaluation (batch {s['eval_batch']}, {s['steps']} timed batches after {s['warmup']} "
-                f"warm-up; engine.evaluate, NCHW)", "",
-            "| model | precision | images/s (median batch) | images/s (mean) | median ms/batch |",
-            "| --- | --- | ---: | ---: | ---: |"]
-    out += [f"| {r['name']} | {r['precision']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} |" for r in eval_rows]
+    if rows["data"]:
+        out += ["", f"### Data pipeline alone (batch {s['data_batch']}, {s['data_batches']} timed batches "
+                    f"after {s['warmup']} warm-up, each batch moved to {info['device']})", "",
+                "| pipeline | setting | images/s |", "| --- | --- | ---: |"]
+        out += [f"| {r['name']} | {r['setting']} | {fmt(r)} |" for r in rows["data"]]
+    if rows["train"]:
+        out += ["", f"### Train step (batch {s['train_batch']}, {s['steps']} timed steps after {s['warmup']} "
+                    f"warm-up; engine.train_one_epoch on one real batch)", "",
+                "| model | precision | layout | images/s (median step) | images/s (mean) | median ms/step "
+                "| others' CPU |" + (" peak MiB |" if cuda else ""),
+                "| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if cuda else "")]
+        for r in rows["train"]:
+            mem = (f" {r['peak_memory_bytes'] / 2**20:,.0f} |" if r.get("peak_memory_bytes") else " - |") if cuda else ""
+            out.append(f"| {r['name']} | {r['precision']} | {r['layout']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} "
+                       f"| {others(r)} |{mem}")
+    if rows["eval"]:
+        out += ["", f"### Evaluation (batch {s['eval_batch']}, {s['steps']} timed batches after {s['warmup']} "
+                    f"warm-up; engine.evaluate, NCHW)", "",
+                "| model | precision | images/s (median batch) | images/s (mean) | median ms/batch | others' CPU |",
+                "| --- | --- | ---: | ---: | ---: | ---: |"]
+        out += [f"| {r['name']} | {r['precision']} | {fmt(r)} | {mean_fmt(r)} | {ms(r)} | {others(r)} |"
+                for r in rows["eval"]]
+    if rows["train"] or rows["eval"]:
+        out += ["", "others' CPU: the share of the machine's CPU time that other processes used while the "
+                    "steps were timed (0.5 on 2 cores = one core busy elsewhere); figures taken beside such "
+                    "load are low." + (f" Above {s['max_others']:.0%}, a measurement was taken again, up to "
+                                       f"{s['retries']} times, and the least disturbed try is shown (its tries "
+                                       "are in the JSON)." if s["retries"] else "")]
     return "\n".join(out)
 
 
@@ -367,6 +419,9 @@ def parse_args(argv=None):
     p.add_argument("--precisions", type=names, default=",".join(map(str, PRECISIONS)), help="fp32 and/or bf16 (autocast)")
     p.add_argument("--layouts", type=names, default=",".join(map(str, LAYOUTS)), help="nchw and/or channels_last (train step)")
     p.add_argument("--skip", type=names, default=None, help="sections to skip, comma-separated: data, train, eval")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"measure a train/eval step again (this many times at most) while other processes "
+                        f"use more than {MAX_OTHERS:.0%} of the CPU; the least disturbed try is kept")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--out", default=None, help="write every figure and the run information to this JSON file")
@@ -397,7 +452,8 @@ def main(argv=None) -> dict:
                     workers=tuple(w for w in args.workers if w == 0 or w <= (os.cpu_count() or 1)),
                     train_batch=args.train_batch or TRAIN_BATCH[kind],
                     eval_batch=args.eval_batch or EVAL_BATCH[kind],
-                    steps=args.steps or STEPS[kind], warmup=args.warmup if args.warmup is not None else WARMUP[kind])
+                    steps=args.steps or STEPS[kind], warmup=args.warmup if args.warmup is not None else WARMUP[kind],
+                    retries=args.retries, max_others=MAX_OTHERS)
     if args.dry_run:
         settings.update(DRY_RUN)
     settings.update(models=args.models, precisions=args.precisions, layouts=args.layouts,
@@ -422,11 +478,12 @@ def main(argv=None) -> dict:
         for name in s["models"]:
             for precision in s["precisions"]:
                 for layout in s["layouts"]:
-                    add(bench_train(name, data, device, precision, layout, s["train_batch"], s["steps"], s["warmup"]))
+                    add(bench_train(name, data, device, precision, layout, s["train_batch"], s["steps"], s["warmup"],
+                                    s["retries"]))
     if "eval" not in args.skip:
         for name in s["models"]:
             for precision in s["precisions"]:
-                add(bench_eval(name, data, device, precision, s["eval_batch"], s["steps"], s["warmup"]))
+                add(bench_eval(name, data, device, precision, s["eval_batch"], s["steps"], s["warmup"], s["retries"]))
 
     results["info"]["load_average_at_end"] = load_average()
     report = tables(results)
