@@ -121,7 +121,7 @@ def run_info(device: torch.device, data) -> dict:
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": str(device), "device_name": device_name(device),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "albumentations": albumentations.__version__, "cuda": torch.version.cuda,
+            "albumentations": albumentations.__version__, "torch_cuda_build": torch.version.cuda,
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": load_average(),

@@ -186,7 +186,7 @@ def readme_text(results: dict) -> str:
             continue
         if title:
             lines += ["", title]
-        lines += ["", "| config | device | seeds | test accuracy % mean ± std (min–max) | wall s per run "
+        lines += ([] if lines[-1] == "" else [""]) + ["| config | device | seeds | test accuracy % mean ± std (min–max) | wall s per run "
                   "| train images/s | peak GPU MiB | epochs | torch | commit | data |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for e in group:
