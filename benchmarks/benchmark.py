@@ -22,7 +22,6 @@ disturbed try kept. It asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from helpers import augment as aug  # noqa: E402
 from helpers import engine  # noqa: E402
 from helpers.config import recipe  # noqa: E402
 from helpers.data import DeviceLoader, load_cifar10, make_loader  # noqa: E402
+from helpers.files import atomic_write, save_json  # noqa: E402
 from helpers.models import get_model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
@@ -380,10 +380,7 @@ def tables(results: dict) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    save_json(path, obj, indent=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -494,8 +491,8 @@ def main(argv=None) -> dict:
     if args.md:
         md = (f"# Benchmark on {results['info']['device_name']}\n\n"
               f"Made with:\n\n```\n{results['info']['command']}\n```\n\n{report}\n")
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(md)
+        with atomic_write(args.md, "w") as f:
+            f.write(md)
         print(f"wrote {args.md}", file=sys.stderr)
     return results
 

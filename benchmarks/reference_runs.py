@@ -37,6 +37,7 @@ from benchmark import command_line, data_source, device_name, git_commit, write_
 from helpers import engine  # noqa: E402
 from helpers.config import recipe  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
+from helpers.files import atomic_write  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Settings (command-line flags override them)
@@ -216,10 +217,8 @@ def readme_text(results: dict) -> str:
 def write_readme(json_path: Path, readme_path: Path) -> None:
     """Regenerate the markdown table from the JSON (no JSON yet: says no run has been made)."""
     results = load_results(json_path)
-    readme_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = readme_path.with_name(readme_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(readme_text(results))
-    os.replace(tmp, readme_path)
+    with atomic_write(readme_path, "w") as f:
+        f.write(readme_text(results))
 
 
 # ----------------------------------------------------------------------------------------

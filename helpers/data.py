@@ -447,7 +447,7 @@ class DeviceLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean, std,
                  device, augment: str = "seed001", shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, options: dict | None = None):
         from .augment import BatchAugment
 
         require_positive("batch size", batch_size)
@@ -459,7 +459,7 @@ class DeviceLoader:
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment = BatchAugment(mean, std) if augment == "seed001" else None
+        self.augment = BatchAugment(mean, std, **(options or {})) if augment == "seed001" else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.generator = torch.Generator(device=self.device)
         self.set_epoch(0)
@@ -475,11 +475,16 @@ class DeviceLoader:
         world = torch.distributed.get_world_size() if isinstance(loader.sampler, DistributedSampler) else 1
         return cls(ds.images, ds.labels, loader.batch_size, spec["mean"], spec["std"], device,
                    spec["name"], shuffle=True, drop_last=loader.drop_last, seed=loader.seed,
-                   rank=getattr(loader, "rank", 0), world_size=world)
+                   rank=getattr(loader, "rank", 0), world_size=world, options=spec.get("options"))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
+
+    def _per_rank(self) -> int:
+        """Images each rank sees per epoch: the data padded to a multiple of the world size,
+        as DistributedSampler does, so every rank runs the same number of steps."""
+        return -(-len(self.labels) // self.world_size)
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
@@ -488,10 +493,12 @@ class DeviceLoader:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
+        total = self._per_rank() * self.world_size
+        idx = torch.cat([idx, idx[:total - n]])                              # pad, as DistributedSampler
         return idx[self.rank::self.world_size].to(self.device)
 
     def __len__(self) -> int:
-        n = len(self._indices())
+        n = self._per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):

@@ -409,8 +409,10 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
     val_x, val_y = data.test_images, data.test_labels
     if recipe.val_split > 0:
         train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
-    spec = {"name": recipe.augment, "mean": mean, "std": std}
-    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std),
+    # the same augmentation settings build the albumentations pipeline and, with
+    # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
+    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
+    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std, **spec["options"]),
                         batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
                         distributed=distributed, persistent_workers=persistent_workers, recipe=spec)
     test_tf = aug.test_transforms(mean, std)

@@ -327,3 +327,19 @@ def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
     assert np.isfinite(history["train_loss"][0]) and 0 <= history["test_acc"][0] <= 1
     again, _ = run()
     assert again["train_loss"] == history["train_loss"] and again["test_acc"] == history["test_acc"]
+
+
+def test_device_loader_pads_ranks_to_equal_length_like_distributed_sampler():
+    """With 3 ranks and 10 images every rank must run the same number of steps (DDP would
+    hang otherwise), and together they cover every image."""
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    labels = np.arange(10)
+    ranks = [DeviceLoader(images, labels, 2, (0.5,) * 3, (0.25,) * 3, "cpu", augment="none", seed=1,
+                          rank=r, world_size=3) for r in range(3)]
+    seen = []
+    for loader in ranks:
+        loader.set_epoch(4)
+        batches = [y for _, y in loader]
+        assert len(batches) == len(loader) == 2
+        seen += torch.cat(batches).tolist()
+    assert len(seen) == 12 and set(seen) == set(range(10))
