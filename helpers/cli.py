@@ -646,9 +646,8 @@ def cmd_predict(args) -> int:
     if plot is not None:
         _writable_dir(plot.parent, "--plot")
     import numpy as np
-    import torch
 
-    from .augment import test_transforms
+    from . import analysis
     from .data import CLASSES
 
     model, ckpt, device, tta = _load_for_inference(model_path, args.device)
@@ -657,13 +656,8 @@ def cmd_predict(args) -> int:
         mean, std = CIFAR10_MEAN, CIFAR10_STD
         _note(f"{model_path} records no normalisation statistics: using CIFAR-10's standard mean/std")
     classes = tuple(ckpt.get("classes") or CLASSES)
-    tf = test_transforms(mean, std)
-    x = torch.stack([tf(image=img)["image"] for img in images]).to(device)
-    with torch.no_grad():
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(x.flip(3)).float()) / 2
-    probs = logits.softmax(1).cpu().numpy()
+    unknown = np.zeros(len(images), dtype=np.int64)         # predict() wants labels; none are known
+    probs = analysis.predict(model, np.stack(images), unknown, mean, std, device, tta_flip=tta).probs
     k = min(args.top, len(classes))
     _say(f"model: {model_path} ({ckpt['arch']})")
     width = max(len(c) for c in classes)

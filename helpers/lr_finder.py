@@ -2,7 +2,7 @@
 file that carries that choice from notebook 03 to notebook 04.
 
     result = range_test(model, train_loader, optimizer)      # model and optimizer restored after
-    plot_range_test(result)                                  # loss against LR, suggestion marked
+    plots.lr_range_test(result)                              # loss against LR, suggestion marked (helpers.plots)
     save_lr_choice(LR_CHOICE_FILE, result.suggestion)        # LR_MIN defaults to LR_MAX / 10
     load_lr_choice()                                         # -> {"lr_max", "lr_min", "source", ...}
 
@@ -73,13 +73,14 @@ def steepest_descent(lrs, losses, skip_start: int = SKIP_START, skip_end: int = 
     return float(lrs[idx]), idx, skip_start, skip_end
 
 
-def _check_lr_range(start_lr, end_lr) -> None:
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        require_positive(name, value)
+def _check_ordered(low_name: str, low, high_name: str, high, hint: str) -> None:
+    """Both LRs positive and finite, and low < high; else a ConfigError saying which."""
+    for name, value in ((high_name, high), (low_name, low)):
+        require_positive(name, value, " (learning rates are numbers like 2.5e-3)")
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be finite, got {value!r}")
-    if not start_lr < end_lr:
-        raise ConfigError(f"start_lr {start_lr:g} must be below end_lr {end_lr:g}: swap them")
+    if not low < high:
+        raise ConfigError(f"{low_name} {low:g} must be below {high_name} {high:g}{hint}")
 
 
 def default_num_iter() -> int:
@@ -111,7 +112,7 @@ def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer,
     the range test's optimizer before any scheduler (e.g. helpers.engine.one_cycle).
     The weights, BatchNorm statistics and optimizer state are exactly as before the call.
     """
-    _check_lr_range(start_lr, end_lr)
+    _check_ordered("start_lr", start_lr, "end_lr", end_lr, ": swap them")
     num_iter = default_num_iter() if num_iter is None else num_iter
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 2:
         raise ConfigError(f"num_iter must be a whole number >= 2, got {num_iter!r}")
@@ -148,38 +149,6 @@ def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer,
                            float(start_lr), float(end_lr), index)
 
 
-def plot_range_test(result: RangeTestResult, lr_max: float | None = None, lr_min: float | None = None,
-                    title: str | None = None):
-    """Smoothed loss against LR (log scale), the suggestion marked; optionally the chosen
-    LR_MAX and LR_MIN as dashed lines. Returns the Figure."""
-    from . import plots  # noqa: F401  (picks a headless backend outside notebooks)
-    import matplotlib.pyplot as plt
-
-    lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
-    lo, hi = result.skip_start, len(lrs) - result.skip_end
-    if lo > 0:
-        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends ignored by the suggestion")
-    if hi < len(lrs):
-        ax.axvspan(lrs[hi - 1], lrs[-1], color="grey", alpha=0.12)
-    i = result.suggestion_index
-    ax.plot(lrs[i], losses[i], "o", color="red", markersize=8,
-            label=f"steepest descent: {result.suggestion:.2e}")
-    if lr_max is not None:
-        ax.axvline(lr_max, color="green", linestyle="--", label=f"LR_MAX {lr_max:.2e}")
-    if lr_min is not None:
-        ax.axvline(lr_min, color="orange", linestyle="--", label=f"LR_MIN {lr_min:.2e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
-    stop = ", stopped early: the loss diverged" if result.diverged else ""
-    ax.set_title(title or f"LR range test: {len(lrs)} of {result.num_iter} iterations{stop}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 # ----------------------------------------------------------------------------------------
 # Choosing LR_MAX and LR_MIN
 # ----------------------------------------------------------------------------------------
@@ -201,15 +170,6 @@ def choose_lr(result: RangeTestResult, smoke: bool | None = None) -> dict:
             **info}
 
 
-def _check_lrs(lr_max, lr_min) -> None:
-    for name, value in (("lr_max", lr_max), ("lr_min", lr_min)):
-        require_positive(name, value, " (learning rates are numbers like 2.5e-3)")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be finite, got {value!r}")
-    if not lr_min < lr_max:
-        raise ConfigError(f"lr_min {lr_min:g} must be below lr_max {lr_max:g} (seed 001 uses lr_max / 10)")
-
-
 def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> Path:
     """Write {"lr_max", "lr_min", "source", **info} as JSON, atomically (temporary file + rename).
 
@@ -222,7 +182,7 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
     lr_min = lr_max / 10 if lr_min is None and isinstance(lr_max, (int, float)) else lr_min
     if isinstance(lr_min, (np.floating, np.integer)):
         lr_min = lr_min.item()
-    _check_lrs(lr_max, lr_min)
+    _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (seed 001 uses lr_max / 10)")
     record = {"lr_max": float(lr_max), "lr_min": float(lr_min), "source": info.pop("source", "manual"),
               **info}
     try:
@@ -256,7 +216,7 @@ def load_lr_choice(path=None) -> dict:
     if lr_min is None and isinstance(lr_max, (int, float)) and not isinstance(lr_max, bool):
         lr_min = lr_max / 10
     try:
-        _check_lrs(lr_max, lr_min)
+        _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (seed 001 uses lr_max / 10)")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     record.update(lr_max=float(lr_max), lr_min=float(lr_min))
@@ -328,5 +288,5 @@ def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None
 
 
 __all__ = ["LR_CHOICE_FILE", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",
-           "plot_range_test", "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
+           "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
            "planned_one_cycle", "default_num_iter", "default_batch_size"]

@@ -111,6 +111,35 @@ def lr_schedule(lrs, steps_per_epoch: int | None = None, title: str = "Learning 
     return fig
 
 
+def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = None,
+                    title: str | None = None):
+    """helpers.lr_finder.range_test's result: smoothed loss against LR (log scale), the suggestion marked; optionally the chosen
+    LR_MAX and LR_MIN as dashed lines. Returns the Figure."""
+    lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    lo, hi = result.skip_start, len(lrs) - result.skip_end
+    if lo > 0:
+        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends ignored by the suggestion")
+    if hi < len(lrs):
+        ax.axvspan(lrs[hi - 1], lrs[-1], color="grey", alpha=0.12)
+    i = result.suggestion_index
+    ax.plot(lrs[i], losses[i], "o", color="red", markersize=8,
+            label=f"steepest descent: {result.suggestion:.2e}")
+    if lr_max is not None:
+        ax.axvline(lr_max, color="green", linestyle="--", label=f"LR_MAX {lr_max:.2e}")
+    if lr_min is not None:
+        ax.axvline(lr_min, color="orange", linestyle="--", label=f"LR_MIN {lr_min:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (smoothed)")
+    stop = ", stopped early: the loss diverged" if result.diverged else ""
+    ax.set_title(title or f"LR range test: {len(lrs)} of {result.num_iter} iterations{stop}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves(history: dict, eval_name: str | None = None):
     """Loss and accuracy per epoch for train and test (or validation), and the LR per step."""
     eval_name = eval_name or history.get("eval_set", "test")

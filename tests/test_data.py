@@ -178,7 +178,7 @@ def test_torchvision_batches_load_when_verified(tmp_path, monkeypatch):
 # the real dataset
 # ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(real_data_dir() is None, reason="no local CIFAR-10 copy")
-def test_real_dataset_has_full_counts_per_class_and_second_load_is_fast(real_data, monkeypatch):
+def test_real_dataset_has_full_counts_per_class_and_reloads_from_cache(real_data, monkeypatch):
     monkeypatch.delenv("CIFAR10_CACHE")  # the session fixture filled the user's cache
     assert real_data.train_images.shape == (50_000, 32, 32, 3)
     assert real_data.test_images.shape == (10_000, 32, 32, 3)

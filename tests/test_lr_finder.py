@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import config, lr_finder
+from helpers import config, lr_finder, plots
 from helpers.errors import ConfigError
 from helpers.models import get_model
 
@@ -182,7 +182,7 @@ def test_plot_range_test():
     r = lr_finder.RangeTestResult(lrs=list(1e-7 * (1e8 ** (np.arange(20) / 19))),
                                   losses=list(np.linspace(2.3, 1.0, 20)), suggestion=1e-3,
                                   num_iter=30, diverged=True, suggestion_index=11)
-    fig = lr_finder.plot_range_test(r, lr_max=2.5e-3, lr_min=2.5e-4)
+    fig = plots.lr_range_test(r, lr_max=2.5e-3, lr_min=2.5e-4)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert "learning rate" in ax.get_xlabel() and "loss" in ax.get_ylabel()
