@@ -1,7 +1,9 @@
 """Augmentation: the seed pipelines in albumentations 2.0.8, and the seed-001 pipeline on GPU batches.
 
 Seed 001 (train):  pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
-                   -> CoarseDropout, one 8x8 hole filled with the dataset mean
+                   -> pad to 48x48 -> CoarseDropout, one 8x8 hole filled with the dataset
+                      mean -> CentreCrop 32x32 (so the hole may be cut by the border,
+                      or fall wholly outside the image)
                    -> Normalize(mean, std) -> ToTensorV2
 Seed 004 (train):  HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
 Test:              Normalize -> ToTensorV2
@@ -30,7 +32,9 @@ from .errors import ConfigError, require_probability  # noqa: E402
 # Defaults (seed 001)
 # ----------------------------------------------------------------------------------------
 PAD = 4            # 32 + 2*4 = 40, then a random 32x32 crop: 9x9 possible offsets
-HOLE = 8           # one 8x8 cutout hole, wholly inside the image
+HOLE = 8           # one 8x8 cutout hole ...
+CUTOUT_PAD = 8     # ... cut in the image padded to 48x48, then centre-cropped back to 32x32:
+                   # its top-left corner is uniform over -8..32, so it can overlap the border
 CROP_P = 0.5       # seed 001: "RandomCrop is applied on half of the images"
 FLIP_P = 0.5
 CUTOUT_P = 0.5     # seed 001: "CoarseDropout is applied on half of the images"
@@ -52,13 +56,16 @@ def mean_fill(mean) -> tuple[int, int, int]:
 # albumentations pipelines (2.x argument names: wrong names are only warned about)
 # ----------------------------------------------------------------------------------------
 def train_transforms(mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
-                     cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE) -> A.Compose:
+                     cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
+                     cutout_pad: int = CUTOUT_PAD) -> A.Compose:
     """Seed 001's training pipeline; returns a CHW float tensor."""
     _check_stats(mean, std)
     for name, p in (("crop_p", crop_p), ("flip_p", flip_p), ("cutout_p", cutout_p)):
         require_probability(name, p)
-    if not 0 < hole <= 32 or pad < 0:
-        raise ConfigError(f"hole must be in 1..32 and pad >= 0, got hole={hole}, pad={pad}")
+    if not 0 < hole <= 32 or pad < 0 or cutout_pad < 0:
+        raise ConfigError(f"hole must be in 1..32, pad and cutout_pad >= 0, got hole={hole}, "
+                          f"pad={pad}, cutout_pad={cutout_pad}")
+    side = 32 + 2 * cutout_pad
     return A.Compose([
         A.Sequential([
             A.PadIfNeeded(min_height=32 + 2 * pad, min_width=32 + 2 * pad,
@@ -66,8 +73,12 @@ def train_transforms(mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
             A.RandomCrop(height=32, width=32),
         ], p=crop_p),
         A.HorizontalFlip(p=flip_p),
-        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole),
-                        hole_width_range=(hole, hole), fill=mean_fill(mean), p=cutout_p),
+        A.Sequential([   # the padding's value never matters: the centre crop removes it again
+            A.PadIfNeeded(min_height=side, min_width=side, border_mode=cv2.BORDER_CONSTANT),
+            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole),
+                            hole_width_range=(hole, hole), fill=mean_fill(mean), p=1.0),
+            A.CenterCrop(height=32, width=32),
+        ], p=cutout_p),
         A.Normalize(mean=mean, std=std),
         ToTensorV2(),
     ])
@@ -148,17 +159,20 @@ class BatchAugment:
 
     Each image draws, like the albumentations pipeline: a crop offset uniform over the
     (2*pad+1)^2 positions with probability crop_p (else the centre, i.e. no crop); a flip
-    with probability flip_p; one hole x hole square wholly inside the image, its top-left
-    corner uniform over 0..32-hole, filled with the mean pixel, with probability cutout_p.
+    with probability flip_p; with probability cutout_p one hole x hole square filled with
+    the mean pixel, its top-left corner uniform over -cutout_pad..32+cutout_pad-hole (image
+    coordinates), so that it may be cut by the border or miss the image, as in seed 001.
     Returns normalised float NCHW. `sample` and `apply` are separate so that tests can
     feed identical parameters to both implementations.
     """
 
     def __init__(self, mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
-                 cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE):
-        train_transforms(mean, std, crop_p, flip_p, cutout_p, pad, hole)  # same validation
+                 cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
+                 cutout_pad: int = CUTOUT_PAD):
+        train_transforms(mean, std, crop_p, flip_p, cutout_p, pad, hole, cutout_pad)  # same validation
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_p, self.flip_p, self.cutout_p, self.pad, self.hole = crop_p, flip_p, cutout_p, pad, hole
+        self.cutout_pad = cutout_pad
 
     def sample(self, n: int, device, generator: torch.Generator | None = None) -> dict:
         def rand(*shape):
@@ -170,7 +184,7 @@ class BatchAugment:
         crop = torch.where((rand(n) < self.crop_p)[:, None], randint(2 * self.pad + 1, n, 2),
                            torch.full((n, 2), self.pad, device=device))
         flip = rand(n) < self.flip_p
-        hole_yx = randint(32 - self.hole + 1, n, 2)
+        hole_yx = randint(32 + 2 * self.cutout_pad - self.hole + 1, n, 2) - self.cutout_pad
         cutout = rand(n) < self.cutout_p
         return {"crop_yx": crop, "flip": flip, "hole_yx": hole_yx, "cutout": cutout}
 
@@ -192,6 +206,20 @@ class BatchAugment:
         fill = torch.tensor(mean_fill(self.mean), device=dev, dtype=x.dtype).view(1, 3, 1, 1)
         x = torch.where(hole[:, None], fill, x)
         return normalize_batch(x, self.mean, self.std)
+
+    def describe(self, params: dict) -> list[str]:
+        """One short label per image saying which transforms it received, e.g.
+        'crop -3,+1 / flip / hole -5,+20' (offsets in pixels; 'untouched' when none)."""
+        labels = []
+        for i in range(len(params["flip"])):
+            dy, dx = (int(v) - self.pad for v in params["crop_yx"][i])
+            hy, hx = (int(v) for v in params["hole_yx"][i])
+            visible = -self.hole < hy < 32 and -self.hole < hx < 32
+            parts = [f"crop {dy:+d},{dx:+d}" if (dy, dx) != (0, 0) else "",
+                     "flip" if params["flip"][i] else "",
+                     (f"hole {hy:+d},{hx:+d}" if visible else "hole outside") if params["cutout"][i] else ""]
+            labels.append(" / ".join(p for p in parts if p) or "untouched")
+        return labels
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0], images.device, generator))

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, require_positive
+from .errors import ConfigError, require_positive, require_whole
 
 # ----------------------------------------------------------------------------------------
 # Seed 001: the custom ResNet-9 with the OneCycle policy (the heart of the course)
@@ -22,6 +22,7 @@ PEAK_EPOCH = 5            # LR peaks at the end of epoch 5 (0-based step 489 of 
 LR_MAX = 2.54e-3          # seed 001's LR range-test suggestion for Adam at batch 512
 LR_MIN = LR_MAX / 10      # the LR at step 0 and at the last step: no annihilation below it
 OPTIMIZER = "adam"        # Adam with PyTorch defaults (betas 0.9, 0.999), no weight decay
+DROPOUT = 0.1             # seed 001: "dropout in all layers"; 0.1 is its package's default rate
 # loss: CrossEntropyLoss on the logits (the model's "SoftMax" lives inside the loss)
 
 # ----------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class Recipe:
     momentum: float = 0.9            # SGD momentum (Adam/NAdam use it as beta1)
     nesterov: bool = False
     weight_decay: float = 0.0
+    dropout: float = 0.0             # ResNet-9 only: Dropout after every Conv-BN-ReLU (seed 001)
     label_smoothing: float = 0.0
     augment: str = "seed001"         # "seed001", "seed004" or "none"
     early_stopping_patience: int | None = None   # epochs without improvement, None = off
@@ -77,13 +79,16 @@ class Recipe:
         if self.augment not in {"seed001", "seed004", "none"}:
             raise ConfigError(f"unknown augmentation {self.augment!r}: choose seed001, seed004 or none")
         for name in ("epochs", "batch_size", "test_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
-            require_positive(name, value)
+            require_whole(name, getattr(self, name))
         require_positive("learning rate", self.lr, " (try the LR finder's suggestion, e.g. 2.5e-3)")
         if self.lr_min is not None:
             require_positive("lr_min", self.lr_min)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}: try {DROPOUT}")
+        if self.dropout and self.model != "resnet9":
+            raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its seed's own")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay!r}: try 1e-3")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}")
         if self.schedule == "onecycle" and not 1 <= self.peak_epoch <= self.epochs:
@@ -104,8 +109,9 @@ class Recipe:
 # The recipes of the three seed systems, plus a tuned ResNet-9 recipe
 # ----------------------------------------------------------------------------------------
 RECIPES: dict[str, Recipe] = {
-    # seed 001: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512
-    "resnet9": Recipe(notes="seed 001: custom ResNet, Adam, OneCycle, pad-crop/flip/cutout"),
+    # seed 001: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512, dropout
+    "resnet9": Recipe(dropout=DROPOUT,
+                      notes="seed 001: custom ResNet with dropout, Adam, OneCycle, pad-crop/flip/cutout"),
     # Page's tuned choices. He used weight decay 5e-4 x 512 on a summed loss with the LR
     # divided by 512; on PyTorch's mean loss that is exactly LR 0.4 with weight decay 5e-4.
     "resnet9-tuned": Recipe(

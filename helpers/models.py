@@ -15,21 +15,24 @@ from .errors import ConfigError
 # ----------------------------------------------------------------------------------------
 # Seed 001: ResNet-9
 # ----------------------------------------------------------------------------------------
-def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
-    """Conv 3x3 (s1, p1, no bias) [-> MaxPool 2] -> BN -> ReLU, as seed 001 orders them."""
+def conv_bn(c_in: int, c_out: int, pool: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    """Conv 3x3 (s1, p1, no bias) [-> MaxPool 2] -> BN -> ReLU [-> Dropout], as seed 001 orders them."""
     layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
     layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 
 class Residual(nn.Module):
     """x + ResBlock(x), where ResBlock = (Conv-BN-ReLU) twice at constant width."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, dropout: float = 0.0):
         super().__init__()
-        self.res = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+        self.res = nn.Sequential(conv_bn(channels, channels, dropout=dropout),
+                                 conv_bn(channels, channels, dropout=dropout))
 
     def forward(self, x):
         return x + self.res(x)
@@ -37,14 +40,21 @@ class Residual(nn.Module):
 
 class ResNet9(nn.Module):
     """Seed 001's ResNet: PrepLayer 64 -> Layer1 128 (+res) -> Layer2 256 -> Layer3 512 (+res)
-    -> MaxPool 4 -> FC 10 (no bias). 6,573,120 parameters."""
+    -> MaxPool 4 -> FC 10 (no bias). 6,573,120 parameters.
 
-    def __init__(self, num_classes: int = 10):
+    dropout > 0 puts a Dropout after every Conv-BN-ReLU, as seed 001 did ("dropout in all
+    layers"; its package's default rate is 0.1). Dropout has no parameters, so checkpoints
+    with and without it hold the same weights.
+    """
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
-        self.prep = conv_bn(3, 64)
-        self.layer1 = nn.Sequential(conv_bn(64, 128, pool=True), Residual(128))
-        self.layer2 = conv_bn(128, 256, pool=True)
-        self.layer3 = nn.Sequential(conv_bn(256, 512, pool=True), Residual(512))
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}: try 0.1")
+        self.prep = conv_bn(3, 64, dropout=dropout)
+        self.layer1 = nn.Sequential(conv_bn(64, 128, pool=True, dropout=dropout), Residual(128, dropout))
+        self.layer2 = conv_bn(128, 256, pool=True, dropout=dropout)
+        self.layer3 = nn.Sequential(conv_bn(256, 512, pool=True, dropout=dropout), Residual(512, dropout))
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(512, num_classes, bias=False)
 
@@ -117,10 +127,15 @@ class CompactCNN(nn.Module):
 MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN}
 
 
-def get_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A fresh model by name: 'resnet9', 'vgg' or 'compact'."""
+def get_model(name: str, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """A fresh model by name: 'resnet9', 'vgg' or 'compact'. `dropout` is ResNet-9's option
+    (seed 001); vgg and compact have the fixed dropout of their seeds."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if name == "resnet9":
+        return ResNet9(num_classes, dropout=dropout)
+    if dropout:
+        raise ConfigError(f"dropout is an option of resnet9 only; {name} has its seed's fixed dropout")
     return MODELS[name](num_classes)
 
 

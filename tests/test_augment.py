@@ -1,4 +1,5 @@
-"""Augmentation pipelines (albumentations 2.0.8): shapes, the cutout hole, flip rate, seed 004."""
+"""Augmentation pipelines (albumentations 2.0.8): shapes, the cutout hole (cut in the image
+padded to 48x48, so clipped by the border or missing), flip rate, seed 004."""
 import warnings
 
 import numpy as np
@@ -46,17 +47,91 @@ def test_test_pipeline_normalises_with_the_given_statistics():
     assert np.array_equal(aug.denormalize(out, MEAN, STD), img)
 
 
-def test_cutout_hole_is_exactly_8x8_and_filled_with_the_mean():
+def recorded_hole(result):
+    """The hole's top-left corner in image coordinates, from albumentations' own record: it
+    is cut in the image padded by CUTOUT_PAD on every side, then the centre is cropped back."""
+    names = [name for name, _ in result["applied_transforms"]]
+    i = names.index("CoarseDropout")
+    (pad_name, pad), (_, drop), (crop_name, crop) = result["applied_transforms"][i - 1:i + 2]
+    p, side = aug.CUTOUT_PAD, 32 + 2 * aug.CUTOUT_PAD
+    assert pad_name == "PadIfNeeded" and crop_name == "CenterCrop"
+    assert (pad["pad_top"], pad["pad_bottom"], pad["pad_left"], pad["pad_right"]) == (p, p, p, p)
+    assert drop["shape"][:2] == (side, side) and crop["crop_coords"] == (p, p, p + 32, p + 32)
+    assert drop["holes"].shape == (1, 4)
+    x1, y1, x2, y2 = (int(v) for v in drop["holes"][0])
+    assert (x2 - x1, y2 - y1) == (aug.HOLE, aug.HOLE)
+    return y1 - p, x1 - p
+
+
+def visible(y, x, hole=aug.HOLE):
+    """The part of a hole x hole square at corner (y, x) that lies in the 32x32 image."""
+    mask = np.zeros((32, 32), bool)
+    mask[max(y, 0):max(y + hole, 0), max(x, 0):max(x + hole, 0)] = True
+    return mask
+
+
+def test_cutout_hole_is_8x8_in_the_padded_image_cut_by_the_border_and_mean_filled():
+    """Seed 001: one 8x8 hole anywhere in the image padded to 48x48, then the centre 32x32:
+    the corner is uniform over -8..32 on each axis, so the hole may be clipped or missing."""
     tf = aug.train_transforms(MEAN, STD, crop_p=0.0, flip_p=0.0, cutout_p=1.0)
-    fill = np.array(aug.mean_fill(MEAN))
-    for seed in range(30):
-        img = dark_image(seed)
-        out = raw(tf, img, seed)
+    tf.save_applied_params = True
+    tf.set_random_seed(5)
+    fill = np.array(aug.mean_fill(MEAN), dtype=np.uint8)
+    lo, hi = -aug.CUTOUT_PAD, 32 + aug.CUTOUT_PAD - aug.HOLE          # -8, 32
+    corners, kinds = [], {"inside": 0, "clipped": 0, "outside": 0}
+    for i in range(2050):
+        img = dark_image(i)
+        r = tf(image=img)
+        out = aug.denormalize(r["image"], MEAN, STD)
+        y, x = recorded_hole(r)
+        assert lo <= y <= hi and lo <= x <= hi
+        corners.append((y, x))
+        mask = visible(y, x)
+        # the visible part of the hole: each side clipped to the image, independently computed
+        rows = min(y + aug.HOLE, 32) - max(y, 0)
+        cols = min(x + aug.HOLE, 32) - max(x, 0)
+        assert mask.sum() == max(rows, 0) * max(cols, 0)
         changed = np.any(out != img, axis=-1)
-        ys, xs = np.nonzero(changed)
-        assert changed.sum() == 64, "exactly one 8x8 hole"
-        assert ys.max() - ys.min() == 7 and xs.max() - xs.min() == 7
-        assert np.all(np.abs(out[changed].astype(int) - fill) <= 1)  # the mean, up to rounding
+        assert np.array_equal(changed, mask), (y, x)                   # exactly the visible part ...
+        assert np.all(out[mask] == fill)                               # ... and it is the mean pixel
+        assert np.array_equal(out[~mask], img[~mask])                  # nothing else changed
+        area = int(mask.sum())
+        kinds["outside" if area == 0 else "inside" if area == aug.HOLE ** 2 else "clipped"] += 1
+        if area == 0:
+            assert np.array_equal(out, img)                            # a hole off the image: unchanged
+    corners = np.array(corners)
+    n = len(corners)
+    assert corners.min(0).tolist() == [lo, lo] and corners.max(0).tolist() == [hi, hi]
+    for axis in (0, 1):   # 41 positions, uniform: chi-square with 40 degrees of freedom
+        counts = np.bincount(corners[:, axis] - lo, minlength=hi - lo + 1)
+        assert counts.size == 41 and counts.min() > 0, counts
+        expected = n / 41
+        assert ((counts - expected) ** 2 / expected).sum() < 100, counts
+    # each axis: 25 of 41 corners wholly inside, 14 clipped, 2 (-8 and 32) wholly outside
+    p_outside = 1 - (39 / 41) ** 2
+    p_inside = (25 / 41) ** 2
+    for kind, p in (("outside", p_outside), ("inside", p_inside), ("clipped", 1 - p_outside - p_inside)):
+        assert abs(kinds[kind] - n * p) <= 5 * np.sqrt(n * p * (1 - p)), kinds
+
+
+def test_cutout_pad_zero_keeps_the_hole_wholly_inside():
+    tf = aug.train_transforms(MEAN, STD, crop_p=0.0, flip_p=0.0, cutout_p=1.0, cutout_pad=0)
+    tf.save_applied_params = True
+    tf.set_random_seed(2)
+    fill = np.array(aug.mean_fill(MEAN), dtype=np.uint8)
+    corners = []
+    for i in range(400):
+        img = dark_image(i)
+        r = tf(image=img)
+        out = aug.denormalize(r["image"], MEAN, STD)
+        holes = dict(r["applied_transforms"])["CoarseDropout"]["holes"]
+        x1, y1, x2, y2 = (int(v) for v in holes[0])
+        corners.append((y1, x1))
+        changed = np.any(out != img, axis=-1)
+        assert changed.sum() == aug.HOLE ** 2 and np.array_equal(changed, visible(y1, x1))
+        assert np.all(out[changed] == fill)
+    corners = np.array(corners)
+    assert corners.min() == 0 and corners.max() == 32 - aug.HOLE
 
 
 def test_about_half_of_the_images_are_flipped():
@@ -102,6 +177,7 @@ def test_seed004_pipeline_shifts_and_rotates():
     ({"flip_p": 1.5}, "flip_p must be a probability"),
     ({"cutout_p": -0.1}, "cutout_p must be a probability"),
     ({"hole": 0}, "hole must be in 1..32"),
+    ({"cutout_pad": -1}, "cutout_pad=-1"),
 ])
 def test_bad_augmentation_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):

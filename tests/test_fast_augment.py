@@ -21,8 +21,10 @@ from helpers import engine  # noqa: E402
 from helpers.data import DeviceLoader, make_loader  # noqa: E402
 from helpers.models import get_model  # noqa: E402
 
-PAD, HOLE, SIDE = aug.PAD, aug.HOLE, 32
+PAD, HOLE, SIDE, CUTOUT_PAD = aug.PAD, aug.HOLE, 32, aug.CUTOUT_PAD
 CENTRE = (PAD, PAD)
+HOLE_LO, HOLE_HI = -CUTOUT_PAD, SIDE + CUTOUT_PAD - HOLE   # the hole's corner: -8..32 on each axis
+HOLE_POSITIONS = HOLE_HI - HOLE_LO + 1                     # 41
 
 
 def gen(seed):
@@ -36,6 +38,33 @@ def binomial_ok(count, n, p, sigmas=5.0):
 def chi_square(counts):
     expected = counts.sum() / counts.size
     return float(((counts - expected) ** 2 / expected).sum())
+
+
+def visible(y, x):
+    """The part of the HOLE x HOLE square with top-left corner (y, x) inside the image."""
+    mask = np.zeros((SIDE, SIDE), bool)
+    mask[max(y, 0):max(y + HOLE, 0), max(x, 0):max(x + HOLE, 0)] = True
+    return mask
+
+
+def visible_area(y, x):
+    """The same, counted from the clipped extents: 0 when the hole misses the image."""
+    rows = min(y + HOLE, SIDE) - max(y, 0)
+    cols = min(x + HOLE, SIDE) - max(x, 0)
+    return max(rows, 0) * max(cols, 0)
+
+
+# per axis 25 of the 41 corners keep the hole wholly inside, 2 (-8 and 32) put it wholly outside
+P_HOLE_OUTSIDE = 1 - (39 / 41) ** 2
+P_HOLE_INSIDE = (25 / 41) ** 2
+P_HOLE_CLIPPED = 1 - P_HOLE_OUTSIDE - P_HOLE_INSIDE
+
+
+def hole_kinds(hole_yx):
+    """How many holes lie wholly inside, are clipped by the border, miss the image."""
+    areas = np.array([visible_area(int(y), int(x)) for y, x in hole_yx])
+    return {"inside": int((areas == HOLE * HOLE).sum()), "outside": int((areas == 0).sum()),
+            "clipped": int(((areas > 0) & (areas < HOLE * HOLE)).sum())}
 
 
 def normalised(images_uint8, mean, std):
@@ -79,7 +108,29 @@ def test_flip_crop_and_cutout_happen_to_about_half(real_data):
     assert aug.BatchAugment(real_data.mean, real_data.std, flip_p=1.0).sample(500, "cpu", gen(2))["flip"].all()
 
 
-def test_one_mean_filled_8x8_hole_wholly_inside_real_images(real_data):
+def test_hole_corners_are_uniform_over_the_padded_image(real_data):
+    """Seed 001 cuts the hole in the image padded to 48x48: corner uniform over -8..32."""
+    ba = aug.BatchAugment(real_data.mean, real_data.std, cutout_p=1.0)
+    n = HOLE_POSITIONS ** 2 * 30
+    hole = ba.sample(n, "cpu", gen(12))["hole_yx"].numpy()
+    assert hole.min() == HOLE_LO and hole.max() == HOLE_HI            # both extremes reached
+    for axis in (0, 1):
+        per = np.bincount(hole[:, axis] - HOLE_LO, minlength=HOLE_POSITIONS)
+        assert per.size == HOLE_POSITIONS and per.min() > 0, per
+        assert chi_square(per) < 100, per                              # 40 degrees of freedom
+    joint = np.bincount((hole[:, 0] - HOLE_LO) * HOLE_POSITIONS + hole[:, 1] - HOLE_LO,
+                        minlength=HOLE_POSITIONS ** 2)
+    # 1,680 degrees of freedom: mean 1680, sd 58
+    assert joint.size == HOLE_POSITIONS ** 2 and chi_square(joint) < 1680 + 6 * 58
+    kinds = hole_kinds(hole)
+    for kind, p in (("inside", P_HOLE_INSIDE), ("clipped", P_HOLE_CLIPPED), ("outside", P_HOLE_OUTSIDE)):
+        assert binomial_ok(kinds[kind], n, p), kinds
+    # with cutout_pad=0 the hole stays wholly inside, as before seed 001 was matched
+    inner = aug.BatchAugment(real_data.mean, real_data.std, cutout_pad=0).sample(4000, "cpu", gen(13))["hole_yx"]
+    assert inner.min() == 0 and inner.max() == SIDE - HOLE
+
+
+def test_one_mean_filled_8x8_hole_clipped_by_the_border_on_real_images(real_data):
     ba = aug.BatchAugment(real_data.mean, real_data.std, crop_p=0.0, flip_p=0.0, cutout_p=1.0)
     images = real_data.train_images[:1024]
     params = ba.sample(len(images), "cpu", gen(3))
@@ -88,15 +139,24 @@ def test_one_mean_filled_8x8_hole_wholly_inside_real_images(real_data):
     fill = np.array(aug.mean_fill(real_data.mean), dtype=np.uint8)
     assert np.abs(fill - np.array(real_data.mean) * 255).max() <= 0.5       # the mean pixel, rounded
     hole = params["hole_yx"].numpy()
-    assert hole.min() == 0 and hole.max() == SIDE - HOLE               # reaches both borders, never crosses
+    assert hole.min() == HOLE_LO and hole.max() == HOLE_HI             # reaches both extremes
+    kinds = {"inside": 0, "clipped": 0, "outside": 0}
     for i, (y, x) in enumerate(hole):
-        inside = np.zeros((SIDE, SIDE), bool)
-        inside[y:y + HOLE, x:x + HOLE] = True
-        assert inside.sum() == HOLE * HOLE                            # wholly inside the image
-        assert np.all(raw[i][inside] == fill)                         # the whole square is the mean pixel
-        assert np.array_equal(raw[i][~inside], images[i][~inside])    # nothing else changed
+        mask = visible(y, x)
+        area = visible_area(y, x)
+        assert mask.sum() == area                                      # clipped to the right size
+        assert np.all(raw[i][mask] == fill)                            # the visible part is the mean pixel
+        assert np.array_equal(raw[i][~mask], images[i][~mask])         # nothing else changed
+        if area == 0:
+            assert np.array_equal(raw[i], images[i])                   # a hole off the image: unchanged
+        kinds["outside" if area == 0 else "inside" if area == HOLE * HOLE else "clipped"] += 1
+    assert min(kinds.values()) > 0, kinds                              # all three kinds occurred
+    for kind, p in (("inside", P_HOLE_INSIDE), ("clipped", P_HOLE_CLIPPED), ("outside", P_HOLE_OUTSIDE)):
+        assert binomial_ok(kinds[kind], len(images), p), kinds
     changed = np.any(raw != images, axis=-1)                           # (N, 32, 32)
-    assert changed.any((1, 2)).mean() > 0.99                          # real pixels rarely equal the fill
+    shown = np.array([visible_area(y, x) > 0 for y, x in hole])
+    assert not changed[~shown].any()
+    assert changed[shown].any((1, 2)).mean() > 0.99                    # real pixels rarely equal the fill
     spans = [(np.ptp(np.nonzero(changed[i].any(1))[0]), np.ptp(np.nonzero(changed[i].any(0))[0]))
              for i in range(len(images)) if changed[i].any()]
     assert max(max(s) for s in spans) <= HOLE - 1                     # exactly one hole, no larger
@@ -106,7 +166,11 @@ def test_one_mean_filled_8x8_hole_wholly_inside_real_images(real_data):
 # The same pixels as albumentations for the same parameters
 # ----------------------------------------------------------------------------------------
 def albumentations_equivalent(img, mean, std, crop_yx, flip, hole_yx, cutout):
-    """seed 001's pipeline with every random choice fixed, from albumentations' own transforms."""
+    """seed 001's pipeline with every random choice fixed, from albumentations' own transforms.
+
+    The hole is cut as seed 001 does: in the image padded by CUTOUT_PAD on every side (so at
+    corner hole_yx + CUTOUT_PAD there, always wholly inside), then the centre is cropped back.
+    """
     cy, cx = crop_yx
     geometric = [A.PadIfNeeded(min_height=SIDE + 2 * PAD, min_width=SIDE + 2 * PAD,
                                border_mode=cv2.BORDER_REFLECT_101),
@@ -115,10 +179,15 @@ def albumentations_equivalent(img, mean, std, crop_yx, flip, hole_yx, cutout):
         geometric.append(A.HorizontalFlip(p=1.0))
     out = A.Compose(geometric)(image=img)["image"]
     if cutout:
-        hy, hx = hole_yx
+        big = SIDE + 2 * CUTOUT_PAD
+        out = A.PadIfNeeded(min_height=big, min_width=big, border_mode=cv2.BORDER_CONSTANT)(image=out)["image"]
+        assert out.shape[:2] == (big, big)
+        hy, hx = hole_yx[0] + CUTOUT_PAD, hole_yx[1] + CUTOUT_PAD
+        assert 0 <= hy <= big - HOLE and 0 <= hx <= big - HOLE
         dropout = A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(HOLE, HOLE),
                                   hole_width_range=(HOLE, HOLE), fill=aug.mean_fill(mean), p=1.0)
         out = dropout.apply(out, holes=np.array([[hx, hy, hx + HOLE, hy + HOLE]]), seed=0)
+        out = A.CenterCrop(height=SIDE, width=SIDE)(image=out)["image"]
     return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])(image=out)["image"]
 
 
@@ -131,6 +200,20 @@ EXPLICIT = [  # (crop_yx, flip, hole_yx, cutout): corners, centre and the border
     ((3, 7), True, (11, 2), True),
     ((4, 4), True, (0, 0), False),
     ((6, 1), False, (13, 20), True),
+    # cut by the border: negative offsets, and past the far edges
+    ((2, 5), False, (-3, 10), True),
+    ((7, 3), True, (12, -5), True),
+    ((4, 4), False, (-7, -7), True),      # one visible pixel
+    ((1, 6), True, (29, 27), True),
+    ((5, 2), False, (31, -1), True),
+    ((0, 0), True, (-4, 30), True),
+    # wholly outside: the image is left as it is
+    ((4, 4), False, (-8, -8), True),
+    ((2, 6), True, (32, 32), True),
+    ((8, 3), False, (-8, 12), True),
+    ((3, 0), True, (20, 32), True),
+    ((6, 6), False, (32, -8), True),
+    ((4, 4), False, (-8, 5), False),
 ]
 
 
@@ -139,29 +222,61 @@ def test_identical_output_for_identical_explicit_parameters(real_data):
     images = real_data.train_images[:len(EXPLICIT)]
     params = {"crop_yx": torch.tensor([e[0] for e in EXPLICIT]), "flip": torch.tensor([e[1] for e in EXPLICIT]),
               "hole_yx": torch.tensor([e[2] for e in EXPLICIT]), "cutout": torch.tensor([e[3] for e in EXPLICIT])}
-    fast = aug.BatchAugment(mean, std).apply(torch.as_tensor(images), params)
+    ba = aug.BatchAugment(mean, std)
+    fast = ba.apply(torch.as_tensor(images), params)
+    plain = ba.apply(torch.as_tensor(images), {**params, "cutout": torch.zeros(len(EXPLICIT), dtype=torch.bool)})
+    fill = np.array(aug.mean_fill(mean), dtype=np.uint8)
     for i, (crop, flip, hole, cutout) in enumerate(EXPLICIT):
         ref = albumentations_equivalent(images[i], mean, std, crop, flip, hole, cutout)
         assert ref.shape == fast[i].shape == (3, SIDE, SIDE)
         assert torch.allclose(fast[i], ref, atol=1e-5), f"case {i}: max diff {(fast[i] - ref).abs().max():.2e}"
+        # the hole shows exactly where it meets the image, and nowhere else
+        area = visible_area(*hole) if cutout else 0
+        got, base = aug.denormalize(fast[i], mean, std), aug.denormalize(plain[i], mean, std)
+        changed = np.any(got != base, axis=-1)
+        mask = visible(*hole) if cutout else np.zeros((SIDE, SIDE), bool)
+        assert np.all(got[mask] == fill) and np.array_equal(got[~mask], base[~mask]), f"case {i}"
+        assert changed.sum() == area, f"case {i}: {changed.sum()} pixels changed, {area} expected"
+        if area == 0:
+            assert torch.allclose(ref, plain[i], atol=1e-6), f"case {i}"   # wholly outside: no change
+    areas = [visible_area(*e[2]) for e in EXPLICIT if e[3]]
+    assert 0 in areas and 1 in areas and HOLE * HOLE in areas and any(1 < a < HOLE * HOLE for a in areas)
     # and the cases differ from each other, so the comparison has teeth
     assert not torch.allclose(fast[1], albumentations_equivalent(images[1], mean, std, (8, 8), False, (24, 24), True))
+    assert not torch.allclose(fast[8], albumentations_equivalent(images[8], mean, std, (2, 5), False, (-2, 10), True))
 
 
 def applied_params(result):
-    """BatchAugment parameters read back from albumentations' record of what it applied."""
-    seen = dict(result["applied_transforms"])
+    """BatchAugment parameters read back from albumentations' record of what it applied.
+
+    The cutout is a Sequential of PadIfNeeded (to 48x48), CoarseDropout and CenterCrop: the
+    recorded hole lies in the padded frame, so its corner in the image is CUTOUT_PAD less.
+    """
+    applied = result["applied_transforms"]
+    names = [name for name, _ in applied]
+    seen = dict(applied)                  # the crop's PadIfNeeded is shadowed: only names matter
     crop, hole = CENTRE, (0, 0)
     if "RandomCrop" in seen:
         x1, y1, x2, y2 = seen["RandomCrop"]["crop_coords"]
         assert (x2 - x1, y2 - y1) == (SIDE, SIDE)
         crop = (y1, x1)
+    assert names.count("CoarseDropout") <= 1
     if "CoarseDropout" in seen:
-        holes = seen["CoarseDropout"]["holes"]
+        i = names.index("CoarseDropout")
+        assert names[i - 1:i + 2] == ["PadIfNeeded", "CoarseDropout", "CenterCrop"]
+        pad, drop, centre = applied[i - 1][1], applied[i][1], applied[i + 1][1]
+        p, big = CUTOUT_PAD, SIDE + 2 * CUTOUT_PAD
+        assert (pad["pad_top"], pad["pad_bottom"], pad["pad_left"], pad["pad_right"]) == (p, p, p, p)
+        assert drop["shape"][:2] == (big, big)
+        assert centre["crop_coords"] == (p, p, p + SIDE, p + SIDE)
+        holes = drop["holes"]
         assert holes.shape == (1, 4)
         x1, y1, x2, y2 = (int(v) for v in holes[0])
         assert (x2 - x1, y2 - y1) == (HOLE, HOLE)
-        hole = (y1, x1)
+        assert 0 <= x1 <= big - HOLE and 0 <= y1 <= big - HOLE
+        hole = (y1 - p, x1 - p)
+    else:
+        assert "CenterCrop" not in seen   # no cutout, no padding to 48x48 either
     return {"crop": "RandomCrop" in seen, "crop_yx": crop, "flip": "HorizontalFlip" in seen,
             "hole_yx": hole, "cutout": "CoarseDropout" in seen}
 
@@ -216,9 +331,26 @@ def test_albumentations_and_batch_augment_draw_with_the_same_probabilities(real_
     crops = np.array([p["crop_yx"] for p in alb if p["crop"]])
     holes = np.array([p["hole_yx"] for p in alb if p["cutout"]])
     assert crops.min() == 0 and crops.max() == 2 * PAD
-    assert holes.min() == 0 and holes.max() == SIDE - HOLE
+    assert holes.min() == HOLE_LO and holes.max() == HOLE_HI            # -8 and 32, as BatchAugment
     counts = np.bincount(crops[:, 0] * 9 + crops[:, 1], minlength=81)
     assert chi_square(counts) < 160, counts.reshape(9, 9)   # uniform over 9x9 there too
+    fast_holes = fast["hole_yx"][fast["cutout"]].numpy()
+    assert fast_holes.min() == HOLE_LO and fast_holes.max() == HOLE_HI
+    for axis in (0, 1):   # both uniform over the 41 corners of each axis (40 degrees of freedom)
+        per = np.bincount(holes[:, axis] - HOLE_LO, minlength=HOLE_POSITIONS)
+        assert per.size == HOLE_POSITIONS and chi_square(per) < 100, per
+        # and the same distribution: a two-sample chi-square on the 41 x 2 table, 40 dof
+        other = np.bincount(fast_holes[:, axis] - HOLE_LO, minlength=HOLE_POSITIONS)
+        table = np.stack([per, other]).astype(float)
+        expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+        assert ((table - expected) ** 2 / expected).sum() < 100, table
+    # as often wholly inside, clipped by the border, and missing the image
+    a_kinds, b_kinds = hole_kinds(holes), hole_kinds(fast_holes)
+    na, nb = len(holes), len(fast_holes)
+    for kind, p in (("inside", P_HOLE_INSIDE), ("clipped", P_HOLE_CLIPPED), ("outside", P_HOLE_OUTSIDE)):
+        assert binomial_ok(a_kinds[kind], na, p), (kind, a_kinds)
+        assert binomial_ok(b_kinds[kind], nb, p), (kind, b_kinds)
+        assert abs(a_kinds[kind] / na - b_kinds[kind] / nb) <= 5 * np.sqrt(p * (1 - p) * (1 / na + 1 / nb))
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,7 +430,7 @@ def test_device_loader_from_a_training_loader_keeps_its_settings(small_data):
 
 
 # ----------------------------------------------------------------------------------------
-# fit(..., fast_augment=True) end to end
+# fit(..., options=RunOptions(fast_augment=True)) end to end
 # ----------------------------------------------------------------------------------------
 def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
     data = small_data.subset(20, 10)                     # 200 train, 100 test real images
@@ -316,7 +448,8 @@ def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
                            batch_size=100)
         before = [p.detach().clone() for p in model.parameters()]
         opt = engine.make_optimizer("adam", model.parameters(), 2e-3)
-        history = engine.fit(model, train, test, opt, epochs=1, device="cpu", fast_augment=True, progress=False)
+        history = engine.fit(model, train, test, opt, 1,
+                             options=engine.RunOptions(device="cpu", fast_augment=True, progress=False))
         moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         return history, moved
 

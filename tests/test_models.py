@@ -46,3 +46,31 @@ def test_forward_and_backward(name):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown model 'resnet50': choose one of resnet9, vgg, compact"):
         get_model("resnet50")
+
+
+def test_resnet9_dropout_follows_every_conv_bn_relu_and_keeps_the_weights():
+    plain, dropped = ResNet9(), ResNet9(dropout=0.1)
+    convs = sum(isinstance(m, nn.Conv2d) for m in dropped.modules())
+    drops = [m for m in dropped.modules() if isinstance(m, nn.Dropout)]
+    assert convs == 8 and len(drops) == 8 and all(m.p == 0.1 for m in drops)   # seed 001: all layers
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    # no parameters: the same state_dict keys, so checkpoints load either way
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(x), dropped(x))                 # eval mode: dropout is the identity
+    dropped.train()
+    torch.manual_seed(0)
+    a = dropped(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, dropped(x))                    # training mode: random units dropped
+
+
+def test_dropout_is_checked_and_resnet9_only():
+    assert get_model("resnet9", dropout=0.2).layer2[-1].p == 0.2
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="dropout must be in"):
+            get_model("resnet9", dropout=bad)
+    with pytest.raises(ConfigError, match="resnet9 only"):
+        get_model("compact", dropout=0.1)
