@@ -1,17 +1,63 @@
-"""Error analysis: predictions with per-image loss, confusion matrix, per-class accuracy,
+"""Inference and error analysis: a model's logits over a loader (what evaluation in
+training uses too), predictions with per-image loss, confusion matrix, per-class accuracy,
 the most confused pairs (seed 001's table) and the misclassified images sorted by loss.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .augment import test_transforms
 from .data import make_loader
-from .engine import predict_logits
+
+
+# ----------------------------------------------------------------------------------------
+# Running a model over a loader: the device, the precision, the logits
+# ----------------------------------------------------------------------------------------
+def autocast(device, amp: str | None):
+    """Autocast to bf16 or fp16 on `device` for amp="bf16"/"fp16"; nothing for None (fp32)."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """`x` on `device`; an image batch stored NHWC with channels_last."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, device="cpu", amp: str | None = None,
+                   channels_last: bool = False, tta_flip: bool = False, progress: bool = False,
+                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for every batch of `loader`, on the CPU, in loader order.
+
+    tta_flip=True averages the logits of each image and its mirror image.
+    """
+    device = torch.device(device)
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x = to_device(x, device, channels_last)
+        with autocast(device, amp):
+            out = model(x).float()
+            if tta_flip:
+                out = (out + model(x.flip(3)).float()) / 2
+        logits.append(out.cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------------------
+# Predictions and the error analysis
+# ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -72,6 +118,38 @@ def misclassified_by_loss(pred: Predictions, k: int | None = None) -> np.ndarray
     return order if k is None else order[:k]
 
 
+# ----------------------------------------------------------------------------------------
+# Grad-CAM: where the model looked
+# ----------------------------------------------------------------------------------------
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional block of a course model: Grad-CAM's usual target layer."""
+    from .checkpoint import unwrap
+    from .models import CompactCNN, ResNet9, VGGNet
+
+    model = unwrap(model)
+    if isinstance(model, ResNet9):
+        return model.layer3            # 512 x 4 x 4, after the second residual block
+    if isinstance(model, VGGNet):
+        return model.conv[-2]          # the last ReLU before the final max-pool: 256 x 8 x 8
+    if isinstance(model, CompactCNN):
+        return model.features[-3]      # the last ELU before the final max-pool: 128 x 8 x 8
+    raise TypeError(f"no Grad-CAM layer known for {type(model).__name__}")
+
+
+def grad_cam(model: nn.Module, images: np.ndarray, classes, mean, std, device="cpu",
+             layer: nn.Module | None = None) -> np.ndarray:
+    """Grad-CAM heatmaps (N, 32, 32) in 0..1: for each uint8 image, the evidence in `layer`
+    (default: cam_layer(model)) for the class given in `classes`, per pixel (pytorch_grad_cam)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = torch.stack([torch.as_tensor(test_transforms(mean, std)(image=np.ascontiguousarray(im))["image"])
+                     for im in images]).to(device)
+    model = model.to(device).eval()
+    with GradCAM(model=model, target_layers=[layer or cam_layer(model)]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+
+
 def format_table(rows, headers) -> str:
     """A plain-text table with aligned columns, for notebooks and the terminal."""
     cells = [list(map(str, headers))] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r]
@@ -81,6 +159,16 @@ def format_table(rows, headers) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
+def history_table(history: dict) -> str:
+    """One line per epoch of a training history: losses, accuracies, the epoch's last LR."""
+    steps = len(history["lr"]) // max(len(history["train_loss"]), 1)
+    rows = [(f"{e + 1}/{len(history['train_loss'])}", f"{history['train_loss'][e]:.4f}",
+             f"{history['train_acc'][e]:.2%}", f"{history['test_loss'][e]:.4f}", f"{history['test_acc'][e]:.2%}",
+             f"{history['lr'][(e + 1) * steps - 1]:.2e}") for e in range(len(history["train_loss"]))]
+    name = history.get("eval_set", "test")
+    return format_table(rows, ("epoch", "train loss", "train acc", f"{name} loss", f"{name} acc", "last LR"))
+
+
 def class_report(cm: np.ndarray, classes) -> str:
     """Per-class accuracy and counts as a table."""
     acc = per_class_accuracy(cm)
@@ -88,5 +176,6 @@ def class_report(cm: np.ndarray, classes) -> str:
     return format_table(rows, ("class", "images", "correct", "accuracy"))
 
 
-__all__ = ["Predictions", "predict", "confusion_matrix", "per_class_accuracy", "top_confused_pairs",
-           "misclassified_by_loss", "format_table", "class_report"]
+__all__ = ["autocast", "to_device", "predict_logits", "Predictions", "predict", "confusion_matrix",
+           "per_class_accuracy", "top_confused_pairs", "misclassified_by_loss", "cam_layer", "grad_cam",
+           "format_table", "class_report"]

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import config
-from .errors import ConfigError, DatasetError, require_positive
+from .errors import ConfigError, DatasetError, require_positive, require_whole
 from .files import atomic_write
 
 # ----------------------------------------------------------------------------------------
@@ -114,8 +114,7 @@ def channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple[tuple[float, .
 def stratified_indices(labels: np.ndarray, n_per_class: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a seeded random sample of `n_per_class` items from every class."""
     labels = np.asarray(labels)
-    if isinstance(n_per_class, bool) or not isinstance(n_per_class, (int, np.integer)) or n_per_class <= 0:
-        raise ConfigError(f"images per class must be a positive whole number, got {n_per_class!r}")
+    require_whole("images per class", int(n_per_class) if isinstance(n_per_class, np.integer) else n_per_class)
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(labels):
@@ -143,7 +142,24 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True,
     else:
         data = _load_torchvision(path, download=download)
     _validate(data, path, expect_full)
+    data.source = describe_source(root, kind, path)
     return data
+
+
+def describe_source(root, kind: str, path: Path) -> str:
+    """Where the data came from, as the user named it (never this machine's absolute path):
+    '$CIFAR10_DIR (image folder, lossy JPEG copy)', 'data (torchvision CIFAR-10)', ..."""
+    if root is not None:
+        name = str(root)
+    elif os.environ.get("CIFAR10_DIR"):
+        name = "$CIFAR10_DIR"
+    else:
+        name = str(config.DEFAULT_DATA_DIR)
+    if kind == "torchvision":
+        return f"{name} (torchvision CIFAR-10)"
+    first = next((path / "train").glob("*/*"), None) or next((path / "test").glob("*/*"), None)
+    jpeg = first is not None and first.suffix.lower() in {".jpg", ".jpeg"}
+    return f"{name} (image folder{', lossy JPEG copy' if jpeg else ''})"
 
 
 def _resolve_source(root, download: bool) -> tuple[str, Path]:
@@ -268,7 +284,7 @@ def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
         paths = [e.path for files in per_class for e in files]
         labels = np.repeat(np.arange(len(CLASSES)), [len(f) for f in per_class]).astype(np.int64)
         images = np.empty((len(paths), *IMAGE_SHAPE), dtype=np.uint8)
-        for i, p in enumerate(_progress(paths, f"decoding {split} images ({root})")):
+        for i, p in enumerate(_progress(paths, f"decoding {split} images")):
             images[i] = _decode(p)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     if cache:
@@ -342,21 +358,6 @@ class AugmentedDataset(Dataset):
             from .augment import seed_pipeline
             seed_pipeline(self.transform, seed)
 
-    def augmentation_state(self):
-        """The albumentations Compose's random state (numpy and python generators)."""
-        t = self.transform
-        if t is None or not hasattr(t, "random_generator"):
-            return None
-        return {"numpy": t.random_generator.bit_generator.state, "python": t.py_random.getstate()}
-
-    def set_augmentation_state(self, state) -> None:
-        if state is None or self.transform is None:
-            return
-        rng, py = np.random.default_rng(), random.Random()
-        rng.bit_generator.state = state["numpy"]
-        py.setstate(state["python"])
-        self.transform.set_random_state(rng, py)
-
 
 def _base_dataset(ds):
     while hasattr(ds, "dataset") and not hasattr(ds, "reseed"):
@@ -410,32 +411,26 @@ class SeededLoader(DataLoader):
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, transform=None, *, batch_size: int = 512,
-                shuffle: bool = False, workers: int = 0, pin_memory: bool | None = None,
-                persistent_workers: bool = False, seed: int = 0, drop_last: bool = False,
+                shuffle: bool = False, workers: int = 0, seed: int = 0, drop_last: bool = False,
                 distributed: bool = False, recipe=None) -> SeededLoader:
-    """A SeededLoader over an AugmentedDataset.
+    """A SeededLoader over an AugmentedDataset, pinning memory when a CUDA GPU is present.
 
     distributed=True splits the data across the ranks of torch.distributed with a
-    DistributedSampler; each rank then gets its own augmentation stream.
-    persistent_workers=True is faster between epochs but keeps each worker's random
-    stream running across epochs, so a resumed run is then no longer bit-identical.
+    DistributedSampler; each rank then gets its own augmentation stream. Workers never
+    persist across epochs: each epoch's streams restart from (seed, epoch), which is what
+    makes a resumed run bit-identical.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise ConfigError(f"batch size must be a whole number, got {batch_size!r}")
-    require_positive("batch size", batch_size)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"workers must be a whole number >= 0, got {workers!r}")
+    require_whole("batch size", batch_size)
+    require_whole("workers", workers, minimum=0)
     ds = AugmentedDataset(images, labels, transform, recipe)
     rank, sampler = 0, None
     if distributed:
         rank = torch.distributed.get_rank()
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
         shuffle = False
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     return SeededLoader(ds, seed=seed, rank=rank, batch_size=batch_size, shuffle=shuffle,
-                        sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=persistent_workers and workers > 0, drop_last=drop_last)
+                        sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        drop_last=drop_last)
 
 
 class DeviceLoader:
@@ -513,3 +508,63 @@ class DeviceLoader:
             else:
                 x = normalize_batch(x.permute(0, 3, 1, 2).float(), self.mean, self.std)
             yield x, self.labels[b]
+
+
+# ----------------------------------------------------------------------------------------
+# Your own images: CIFAR-10's standard statistics, and any image file read as 32x32 RGB
+# ----------------------------------------------------------------------------------------
+# The mean/std of the original CIFAR-10 training set: what `predict` normalises with when a
+# checkpoint records no statistics (the checkpoints `python -m helpers train` writes always do).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MODE_NAMES = {"L": "greyscale", "1": "black-and-white", "I": "greyscale", "I;16": "greyscale",
+              "P": "palette", "CMYK": "CMYK"}
+
+
+def read_image(path) -> tuple[np.ndarray, list[str]]:
+    """A file as a 32x32 RGB uint8 array, plus notes on what was changed to get there.
+    A missing, folder or unreadable file raises ImageError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .errors import ImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise ImageError(f"{p} {what}: pass image files (PNG, JPEG, ...)")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return _to_rgb32(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{p} is not a readable image ({type(e).__name__}): pass PNG, JPEG or "
+                         "other image files") from None
+
+
+def read_images(paths) -> tuple[np.ndarray, list[str]]:
+    """Every file as 32x32 RGB, stacked (N, 32, 32, 3), and the notes as 'path: note' lines;
+    the first file that cannot be read raises ImageError."""
+    images, notes = [], []
+    for path in paths:
+        image, changes = read_image(path)
+        images.append(image)
+        notes += [f"{path}: {change}" for change in changes]
+    return np.stack(images), notes
+
+
+def _to_rgb32(im) -> tuple[np.ndarray, list[str]]:
+    """A PIL image as 32x32 RGB (transparency on white), with a note for every change."""
+    from PIL import Image
+
+    notes = []
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        notes.append("converted RGBA to RGB on a white background")
+    elif im.mode != "RGB":
+        notes.append(f"converted {MODE_NAMES.get(im.mode, im.mode)} ({im.mode}) to RGB")
+        im = im.convert("RGB")
+    if im.size != (32, 32):
+        notes.append(f"resized {im.size[0]}x{im.size[1]} to 32x32 (the models see 32x32 images)")
+        im = im.resize((32, 32), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8), notes

@@ -1,9 +1,14 @@
-"""Training engine: device and seeding, the OneCycle schedule, optimizers, train/evaluate
-loops with progress bars, early stopping, exact resume, a divergence guard, DDP, and
-`train()`, which runs a whole recipe from helpers.config.
+"""Training engine. Start with `train_one_epoch`: the training loop itself, on one screen.
+`fit` runs it epoch after epoch and evaluates after each; `train` runs a whole recipe
+from helpers.config.
 
-    history = fit(model, train_loader, test_loader, optimizer, epochs, scheduler=sched)
+    history = fit(model, train_loader, test_loader, optimizer, epochs, scheduler)
     history["test_acc"][-1], history["lr"]        # per-epoch metrics, the LR at every step
+
+The sections after `fit` are the pieces around the loop, each on its own: early stopping,
+checkpoints with exact resume, DistributedDataParallel, `train`, then how a run uses the
+hardware (RunOptions: device, mixed precision, channels_last, torch.compile, the on-device
+augmentation), seeding, optimizers and the OneCycle schedule.
 """
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import copy
 import math
 import os
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,15 +26,376 @@ from torch import nn
 from tqdm import tqdm
 
 from . import augment as aug
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from .analysis import autocast, predict_logits, to_device
+from .checkpoint import check_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from .config import Recipe
-from .data import CIFAR10Data, make_loader
-from .errors import CheckpointError, ConfigError, DivergenceError, require_positive
+from .data import CIFAR10Data, DeviceLoader, make_loader
+from .errors import CheckpointError, ConfigError, DivergenceError, require_positive, require_whole
 from .models import get_model
 
 
 # ----------------------------------------------------------------------------------------
-# Device and seeding
+# The training loop: one epoch
+# ----------------------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn=None,
+                    options: RunOptions | None = None, scaler=None, first_step: int = 0,
+                    desc: str = "train") -> dict:
+    """One pass over `loader` on the model's device, stepping the scheduler once per batch.
+
+    Returns {"loss", "acc", "lr": [the LR of every step]}. `options` gives the precision,
+    memory layout and progress bar; `scaler` is fp16's grad scaler (fit makes one);
+    `first_step` numbers the steps for the divergence guard.
+    """
+    opt = options or RunOptions()
+    device = next(model.parameters()).device                           # the batches go where the model is
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    model.train()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)    # running sums, kept on
+    correct = torch.zeros((), device=device, dtype=torch.int64)         # the device: no sync
+    seen, lrs = 0, []
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (opt.progress and _is_main()), dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = to_device(x, device, opt.channels_last), y.to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        with autocast(device, opt.amp):          # bf16/fp16 where options.amp asks for it
+            out = model(x)
+            loss = loss_fn(out, y)
+        _check_finite(loss, first_step + step, lr, lrs)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()                      # the gradients ...
+            optimizer.step()                     # ... and one step down them
+        else:                                    # fp16: scale the loss so small gradients survive
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        lrs.append(lr)
+        total_loss += loss.detach().double() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if opt.progress and (step % 10 == 0 or step == len(loader) - 1):
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            lr=f"{lr:.2e}")
+    mean_loss, acc = _mean_over_ranks(total_loss, correct, seen)
+    return {"loss": mean_loss, "acc": acc, "lr": lrs}
+
+
+def _check_finite(loss: torch.Tensor, step: int, lr: float, lrs: list) -> None:
+    """The divergence guard: a NaN or infinite loss raises DivergenceError at once, naming
+    the step and the LR (and the LR of the step before, where that was another)."""
+    if torch.isfinite(loss):
+        return
+    before = f", after a step at LR {lrs[-1]:.3g}" if lrs and lrs[-1] != lr else ""
+    raise DivergenceError(
+        f"loss became {loss.item()} at step {step} (LR {lr:.3g}{before}): "
+        f"the LR is too high; try a lower one, e.g. {max([lr] + lrs[-1:]) / 10:.3g}")
+
+
+def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
+             channels_last: bool = False, tta_flip: bool = False, progress: bool = True,
+             desc: str = "eval") -> dict:
+    """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    logits, labels = predict_logits(model, loader, device, amp, channels_last, tta_flip,
+                                    progress and _is_main(), desc)
+    return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+# ----------------------------------------------------------------------------------------
+# fit: the loop epoch after epoch, with an evaluation after each
+# ----------------------------------------------------------------------------------------
+HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+
+
+def new_history() -> dict:
+    """Per-epoch train/test loss and accuracy, the LR at every step, and the seconds per
+    epoch (the only entry that differs between identical runs)."""
+    return {k: [] for k in HISTORY_KEYS}
+
+
+@dataclass
+class FitOptions:
+    """What fit does around the loop besides training: all off by default."""
+
+    early_stopping: int | EarlyStopping | None = None   # patience in epochs; restores the best
+    checkpoint_path: str | os.PathLike | None = None     # the whole state, after every epoch
+    resume: str | os.PathLike | None = None              # continue exactly from such a file
+    arch: str | None = None          # the model's name in checkpoints (None: found from the model)
+    config: dict | None = None       # the recipe, saved in every checkpoint
+    tta_flip: bool = False           # evaluate each image and its mirror image
+    eval_name: str = "test"          # what test_loader holds, for the log ("val": a validation split)
+
+
+def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, scheduler=None,
+        loss_fn=None, options: RunOptions | None = None, extras: FitOptions | None = None,
+        log=print) -> dict:
+    """Train for `epochs`, evaluating on `test_loader` after each; returns the history
+    (see new_history; with early stopping also "best_epoch").
+
+    `options` says how to run (RunOptions: device, precision, torch.compile, the on-device
+    augmentation, progress); `extras` what else to do (FitOptions: early stopping, a
+    checkpoint after every epoch, resume, flip TTA). A NaN or infinite loss raises
+    DivergenceError and leaves the last checkpoint as it was.
+    """
+    require_whole("epochs", epochs)
+    opt, ext = options or RunOptions(), extras or FitOptions()
+    device = get_device(opt.device)
+    net, train_net = _place_model(model, device, opt)
+    if opt.fast_augment:                         # the uint8 images move to the device once
+        train_loader = DeviceLoader.from_loader(train_loader, device)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    state = TrainingState(model, optimizer, scheduler,
+                          torch.amp.GradScaler(device.type) if opt.amp == "fp16" else None,
+                          EarlyStopping.make(ext.early_stopping), ext.arch or _arch_name(model),
+                          ext.config or {})
+    start = 0 if ext.resume is None else state.resume(ext.resume, epochs, log)
+    steps = len(train_loader)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)        # the epoch's shuffle and augmentation: f(seed, epoch)
+        tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn, opt, state.scaler,
+                             epoch * steps, f"epoch {epoch + 1}/{epochs}")
+        stop = False
+        if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
+            te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
+                          opt.progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            state.record(tr, te, time.perf_counter() - t0)
+            stop = state.stopper is not None and state.stopper.step(te["acc"], model, epoch)
+            if opt.progress:
+                log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                    f"{ext.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
+            if ext.checkpoint_path is not None:
+                state.save(ext.checkpoint_path, epoch)
+        if _from_rank0(stop):
+            if _is_main() and opt.progress:
+                log(state.stopper.stop_message(epoch, ext.eval_name))
+            break
+    if state.stopper is not None:
+        state.restore_best()
+    return state.history
+
+
+# ----------------------------------------------------------------------------------------
+# Early stopping (seed 004)
+# ----------------------------------------------------------------------------------------
+class EarlyStopping:
+    """Stop after `patience` epochs without a better monitored accuracy; keep the best weights."""
+
+    def __init__(self, patience: int):
+        require_whole("patience", patience)
+        self.patience = patience
+        self.best, self.best_epoch, self.best_state, self.bad_epochs = -math.inf, -1, None, 0
+
+    @classmethod
+    def make(cls, patience) -> EarlyStopping | None:
+        """None (off), an EarlyStopping as it is, or a new one with that patience."""
+        return patience if patience is None or isinstance(patience, cls) else cls(patience)
+
+    def step(self, metric: float, model: nn.Module, epoch: int) -> bool:
+        """Record this epoch; True when training should stop."""
+        if metric > self.best:
+            self.best, self.best_epoch, self.bad_epochs = metric, epoch, 0
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def stop_message(self, epoch: int, eval_name: str = "test") -> str:
+        n = self.patience
+        return (f"early stopping after epoch {epoch + 1}: no better {eval_name} accuracy for "
+                f"{n} epoch{'s' if n != 1 else ''}; restoring epoch {self.best_epoch + 1}")
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            unwrap(model).load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.patience, self.best, self.best_epoch = state["patience"], state["best"], state["best_epoch"]
+        self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and exact resume: everything a run carries from one epoch to the next
+# ----------------------------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds, besides the epoch and the random states."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object                                # None: a constant LR
+    scaler: torch.amp.GradScaler | None              # fp16 only
+    stopper: EarlyStopping | None                    # None: no early stopping
+    arch: str                                        # the model's name in helpers.models
+    config: dict                                     # the recipe
+    history: dict = field(default_factory=new_history)
+
+    def record(self, tr: dict, te: dict, seconds: float) -> None:
+        """Append one epoch's train and test results to the history."""
+        for key, value in (("train_loss", tr["loss"]), ("train_acc", tr["acc"]),
+                           ("test_loss", te["loss"]), ("test_acc", te["acc"])):
+            self.history[key].append(value)
+        self.history["lr"].extend(tr["lr"])
+        self.history["seconds"].append(seconds)
+
+    def save(self, path, epoch: int) -> None:
+        """Write the whole state after `epoch` (0-based), with every RNG, atomically."""
+        save_checkpoint(path, self.model, self.arch, optimizer=self.optimizer.state_dict(),
+                        scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                        scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                        epoch=epoch, history=self.history, config=self.config,
+                        early_stopping=self.stopper.state_dict() if self.stopper is not None else None,
+                        rng=rng_state())
+
+    def resume(self, path, epochs: int, log=print) -> int:
+        """Load the state saved at `path` (and the RNGs); the epoch to continue with."""
+        ckpt = load_checkpoint(path)
+        if ckpt["arch"] != self.arch:
+            raise CheckpointError(f"cannot resume a {self.arch} from {path}: it holds a {ckpt['arch']}")
+        if "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise CheckpointError(f"{path} holds weights only, not a training state: start a new run")
+        unwrap(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for part, key in ((self.scheduler, "scheduler"), (self.scaler, "scaler"), (self.stopper, "early_stopping")):
+            if part is not None and ckpt.get(key) is not None:
+                part.load_state_dict(ckpt[key])
+        self.history, start = ckpt["history"], ckpt["epoch"] + 1
+        set_rng_state(ckpt["rng"])
+        if _is_main():
+            log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})")
+        return start
+
+    def restore_best(self) -> None:
+        """Early stopping's end: the best epoch's weights (rank 0's, on every rank)."""
+        self.stopper.best_state = _from_rank0(self.stopper.best_state)
+        self.stopper.restore(self.model)
+        self.history["best_epoch"] = self.stopper.best_epoch
+
+
+def _arch_name(model: nn.Module) -> str:
+    """The helpers.models name of a course model."""
+    from .models import MODELS
+
+    for name, cls in MODELS.items():
+        if isinstance(unwrap(model), cls):
+            return name
+    raise ConfigError(f"{type(unwrap(model)).__name__} is not one of the course models: "
+                      "name it with FitOptions(arch=...)")
+
+
+# ----------------------------------------------------------------------------------------
+# Placing the model, and DistributedDataParallel under torchrun (helpers.distributed)
+# ----------------------------------------------------------------------------------------
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_main() -> bool:
+    """True in a single process, and on rank 0 of a distributed run."""
+    return not _is_distributed() or dist.get_rank() == 0
+
+
+def _place_model(model: nn.Module, device: torch.device, options: RunOptions):
+    """Move `model` to `device` (NHWC with channels_last); return (the model to evaluate,
+    compiled if asked, and the model to train: the same, wrapped in DDP under torchrun)."""
+    model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if options.compile else model
+    if not _is_distributed() or isinstance(net, nn.parallel.DistributedDataParallel):
+        return net, net
+    return net, nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(total_loss: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float]:
+    """Mean loss and accuracy from running sums, over every process under DDP."""
+    stats = torch.stack([total_loss, correct.double(),
+                         torch.tensor(float(seen), device=total_loss.device, dtype=torch.float64)])
+    if _is_distributed():
+        dist.all_reduce(stats)
+    return (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+
+
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (in a single process: `value`)."""
+    if not _is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------
+# train: a whole recipe from helpers.config, as the CLI and notebook 04 run it
+# ----------------------------------------------------------------------------------------
+def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distributed: bool = False):
+    """(train_loader, eval_loader, test_loader) for a recipe. The eval loader is a stratified
+    validation split of the training set when recipe.val_split > 0, else the test set."""
+    mean, std = data.mean, data.std
+    train_x, train_y = data.train_images, data.train_labels
+    val_x, val_y = data.test_images, data.test_labels
+    if recipe.val_split > 0:
+        train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
+    # the same augmentation settings build the albumentations pipeline and, with
+    # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
+    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
+    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std, **spec["options"]),
+                        batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
+                        distributed=distributed, recipe=spec)
+    test_tf = aug.test_transforms(mean, std)
+    test = make_loader(data.test_images, data.test_labels, test_tf, batch_size=recipe.test_batch_size,
+                       workers=workers)
+    val = test if recipe.val_split == 0 else make_loader(
+        val_x, val_y, test_tf, batch_size=recipe.test_batch_size, workers=workers)
+    return train, val, test
+
+
+def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
+          checkpoint_path=None, resume=None, log=print) -> dict:
+    """Build the recipe's model, loaders, optimizer and schedule, fit, and test.
+
+    `options` says how to run (device, precision, ...; default: fp32 on the best device).
+    With `checkpoint_path` the whole training state is saved there after every epoch;
+    `resume` continues from such a file, checked against the recipe first.
+    Returns {"model", "history", "test": {"loss", "acc"}, "recipe", "device"}.
+    """
+    recipe.validate()
+    opt = options or RunOptions()
+    if resume is not None:
+        check_resume(resume, recipe)
+    device = get_device(opt.device)
+    seed_everything(recipe.seed)
+    model = get_model(recipe.model, dropout=recipe.dropout)
+    train_loader, val_loader, test_loader = build_loaders(recipe, data, opt.workers, _is_distributed())
+    optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
+                               recipe.weight_decay, recipe.nesterov)
+    scheduler = None
+    if recipe.schedule == "onecycle":
+        scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, recipe.epochs, len(train_loader),
+                              recipe.peak_epoch)
+    extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
+                        resume=resume, arch=recipe.model, config=recipe.to_dict(), tta_flip=recipe.tta_flip,
+                        eval_name="val" if recipe.val_split > 0 else "test")
+    history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
+                  nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), opt, extras, log)
+    history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
+    test = evaluate(model, test_loader, device=device, amp=opt.amp, channels_last=opt.channels_last,
+                    tta_flip=recipe.tta_flip, progress=False) if _is_main() else None
+    return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}
+
+
+# ----------------------------------------------------------------------------------------
+# Devices, mixed precision and seeding
 # ----------------------------------------------------------------------------------------
 def get_device(preferred: str | None = None) -> torch.device:
     """'cuda' if present, else Apple's 'mps', else 'cpu'; or the named device, checked."""
@@ -49,6 +416,74 @@ def get_device(preferred: str | None = None) -> torch.device:
     return device
 
 
+@dataclass
+class RunOptions:
+    """How a recipe runs on the hardware (never what it learns): device, mixed precision,
+    memory layout, the on-device augmentation, torch.compile and loader processes."""
+
+    device: str | None = None        # None: the best available (cuda, mps, cpu)
+    amp: str | None = None           # "bf16", "fp16" (with a grad scaler) or None for fp32
+    channels_last: bool = False      # NHWC activations: what tensor cores and oneDNN prefer
+    fast_augment: bool = False       # seed 001's augmentation on whole batches on the device
+    compile: bool = False            # torch.compile the model
+    workers: int = 0                 # data-loading processes for the albumentations path
+    progress: bool = True            # progress bars and one line per epoch
+    reasons: tuple = ()              # why auto_options chose these, one line each
+
+    def describe(self) -> str:
+        amp = self.amp or "fp32"
+        head = (f"device {self.device}: {amp}, channels_last {'on' if self.channels_last else 'off'}, "
+                f"on-device augmentation {'on' if self.fast_augment else 'off'}")
+        return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_options(device=None, workers: int | None = None) -> RunOptions:
+    """The fastest safe settings for `device`, each with its reason.
+
+    - CUDA: bf16 autocast on Ampere and newer; fp16 with a grad scaler before (Colab's T4
+      has no bf16 tensor cores); channels_last; the augmentation on the GPU (the CPU would
+      otherwise feed it too slowly).
+    - CPU: bf16 only with AVX-512 BF16 or AMX (elsewhere bf16 is emulated, slower than
+      fp32), then channels_last as well; the on-device augmentation, which spares the two
+      cores of a laptop or CI machine the loader processes.
+    - Apple MPS: fp32, the augmentation on the device.
+    """
+    device = get_device(str(device) if device is not None else None)
+    why = []
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        amp = "bf16" if major >= 8 else "fp16"
+        why.append(f"{amp}: {torch.cuda.get_device_name(device)} has "
+                   + ("bf16 tensor cores" if major >= 8 else "fp16 but no bf16 tensor cores (grad scaler on)"))
+        channels_last = True
+        why.append("channels_last: tensor cores read NHWC without transposes")
+        fast, why_fast = True, "on-device augmentation: the GPU augments whole batches, no CPU bottleneck"
+    elif device.type == "cpu":
+        native = _cpu_has_native_bf16()
+        amp = "bf16" if native else None
+        channels_last = native
+        why.append("bf16 + channels_last: this CPU has AVX-512 BF16/AMX matrix instructions (about 2x fp32)"
+                   if native else "fp32: this CPU has no native bf16 (emulated bf16 is slower than fp32)")
+        fast, why_fast = True, "on-device augmentation: whole uint8 batches, no loader processes competing for cores"
+    else:
+        amp, channels_last = None, False
+        why.append(f"fp32: mixed precision is not set up for {device.type} here")
+        fast, why_fast = True, "on-device augmentation: whole batches on the device"
+    why.append(why_fast)
+    if workers is None:
+        workers = 0 if fast else min(4, os.cpu_count() or 1)
+    return RunOptions(str(device), amp, channels_last, fast, workers=workers, reasons=tuple(why))
+
+
 def seed_everything(seed: int = 0, deterministic: bool = False) -> None:
     """Seed python, numpy and torch. deterministic=True also asks for deterministic kernels
     (what exact resume and bit-identical reruns on CPU rely on; slower on GPU)."""
@@ -64,19 +499,11 @@ def seed_everything(seed: int = 0, deterministic: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The OneCycle schedule of seed 001 (linear up, linear down, no annihilation)
+# Optimizers, and the OneCycle schedule of seed 001 (linear up, linear down, no annihilation)
 # ----------------------------------------------------------------------------------------
-def one_cycle_lr(step: int, lr_max: float, lr_min: float, total_steps: int, peak_step: int) -> float:
-    """The LR at `step` (0-based): lr_min at step 0, lr_max at peak_step, lr_min at the last step."""
-    if step <= peak_step:
-        return lr_min + (lr_max - lr_min) * (step / peak_step if peak_step else 1.0)
-    last = total_steps - 1
-    return lr_max - (lr_max - lr_min) * (step - peak_step) / (last - peak_step)
-
-
 def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | None = None,
               epochs: int = 24, steps_per_epoch: int = 98, peak_epoch: int = 5):
-    """Seed 001's OneCycle policy as a LambdaLR stepped once per batch.
+    """Seed 001's OneCycle policy: torch's OneCycleLR, stepped once per batch.
 
     The LR rises linearly from lr_min (default lr_max / 10) at step 0 to lr_max on the last
     step of epoch `peak_epoch`, then falls linearly back to lr_min on the very last step.
@@ -84,9 +511,7 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | N
     98 steps per epoch, 2,352 in all, the peak at step 489 (the end of epoch 5).
     """
     for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("peak_epoch", peak_epoch)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{name} must be a whole number, got {v!r}")
-        require_positive(name, v)
+        require_whole(name, v)
     require_positive("lr_max", lr_max, " (try the LR finder's suggestion)")
     lr_min = lr_max / 10 if lr_min is None else lr_min
     require_positive("lr_min", lr_min)
@@ -95,20 +520,16 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | N
     if peak_epoch > epochs:
         raise ConfigError(f"peak epoch {peak_epoch} is beyond the {epochs} epochs: choose 1..{epochs}")
     total = epochs * steps_per_epoch
-    peak = peak_epoch * steps_per_epoch - 1
-    if peak == total - 1 and total > 1:
-        peak = total - 1
-    for group in optimizer.param_groups:
-        group["lr"] = lr_max
-        group.pop("initial_lr", None)
-
-    def factor(step: int) -> float:
-        step = min(step, total - 1)
-        if peak == total - 1:
-            return (lr_min + (lr_max - lr_min) * step / max(peak, 1)) / lr_max
-        return one_cycle_lr(step, lr_max, lr_min, total, peak) / lr_max
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # A cycle that peaks on its very last step has no way down; OneCycleLR still needs a
+    # second phase, so it gets one extra step that no batch ever uses.
+    total_steps = total + (peak_epoch == epochs)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr_max, total_steps=total_steps,
+        pct_start=peak_epoch * steps_per_epoch / total_steps,   # the peak: step peak_epoch*steps - 1
+        anneal_strategy="linear", three_phase=False,
+        div_factor=lr_max / lr_min,   # start at lr_min ...
+        final_div_factor=1.0,         # ... and end there: no annihilation
+        cycle_momentum=False)         # cycling momentum would change Adam's beta1
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -125,331 +546,3 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_d
     if name == "nadam":
         return torch.optim.NAdam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}: choose adam, sgd or nadam")
-
-
-# ----------------------------------------------------------------------------------------
-# One epoch of training, one pass of evaluation
-# ----------------------------------------------------------------------------------------
-def _autocast(device: torch.device, amp: str | None):
-    if amp is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def _to(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn=None, device="cpu", scheduler=None,
-                    amp: str | None = None, channels_last: bool = False, scaler=None,
-                    progress: bool = True, desc: str = "train", step_offset: int = 0) -> dict:
-    """One pass over `loader`, stepping the scheduler once per batch.
-
-    Returns {"loss", "acc", "lr": [LR used at each step]}. A NaN or infinite loss raises
-    DivergenceError at once, naming the step and the LR.
-    """
-    device = torch.device(device)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    model.train()
-    total_loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen, lrs = 0, []
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and _is_main()), dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar):
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
-        lr = optimizer.param_groups[0]["lr"]
-        with _autocast(device, amp):
-            out = model(x)
-            loss = loss_fn(out, y)
-        if not torch.isfinite(loss):
-            before = f", after a step at LR {lrs[-1]:.3g}" if lrs and lrs[-1] != lr else ""
-            raise DivergenceError(
-                f"loss became {loss.item()} at step {step_offset + i} (LR {lr:.3g}{before}): "
-                f"the LR is too high; try a lower one, e.g. {max([lr] + lrs[-1:]) / 10:.3g}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        lrs.append(lr)
-        total_loss += loss.detach().double() * len(y)
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-        if progress and (i % 10 == 0 or i == len(loader) - 1):
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{lr:.2e}")
-    stats = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats)
-    return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item(), "lr": lrs}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader, device="cpu", amp: str | None = None,
-                   channels_last: bool = False, tta_flip: bool = False, progress: bool = False,
-                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for every batch of `loader`, on the CPU, in loader order.
-
-    tta_flip=True averages the logits of each image and its mirror image.
-    """
-    device = torch.device(device)
-    model.eval()
-    logits, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x = _to(x, device, channels_last)
-        with _autocast(device, amp):
-            out = model(x).float()
-            if tta_flip:
-                out = (out + model(x.flip(3)).float()) / 2
-        logits.append(out.cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(logits), torch.cat(labels)
-
-
-def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
-             channels_last: bool = False, tta_flip: bool = False, progress: bool = True,
-             desc: str = "eval") -> dict:
-    """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy)."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    logits, labels = predict_logits(model, loader, device, amp, channels_last, tta_flip,
-                                    progress and _is_main(), desc)
-    return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}
-
-
-# ----------------------------------------------------------------------------------------
-# Early stopping (seed 004)
-# ----------------------------------------------------------------------------------------
-class EarlyStopping:
-    """Stop after `patience` epochs without a better monitored accuracy; keep the best weights."""
-
-    def __init__(self, patience: int):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"patience must be a whole number >= 1, got {patience!r}")
-        self.patience = patience
-        self.best, self.best_epoch, self.best_state, self.bad_epochs = -math.inf, -1, None, 0
-
-    def step(self, metric: float, model: nn.Module, epoch: int) -> bool:
-        """Record this epoch; True when training should stop."""
-        if metric > self.best:
-            self.best, self.best_epoch, self.bad_epochs = metric, epoch, 0
-            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-    def restore(self, model: nn.Module) -> None:
-        if self.best_state is not None:
-            unwrap(model).load_state_dict(self.best_state)
-
-    def state_dict(self) -> dict:
-        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
-                "best_state": self.best_state, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.patience, self.best, self.best_epoch = state["patience"], state["best"], state["best_epoch"]
-        self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
-
-
-# ----------------------------------------------------------------------------------------
-# fit: the whole training loop
-# ----------------------------------------------------------------------------------------
-HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
-
-
-def new_history() -> dict:
-    """Per-epoch train/test loss and accuracy, the LR at every step, and the seconds per
-    epoch (the only entry that differs between identical runs)."""
-    return {k: [] for k in HISTORY_KEYS}
-
-
-def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, scheduler=None,
-        loss_fn=None, device=None, amp: str | None = None, channels_last: bool = False,
-        early_stopping: int | EarlyStopping | None = None, checkpoint_path=None, resume=None,
-        arch: str | None = None, config: dict | None = None, fast_augment: bool = False,
-        tta_flip: bool = False, eval_name: str = "test", progress: bool = True, log=print) -> dict:
-    """Train for `epochs`, evaluating on `test_loader` after each; returns the history.
-
-    `eval_name` says what `test_loader` holds ("test", or "val" for a validation split) in
-    the log lines; the history keys stay test_loss/test_acc either way.
-
-    - The scheduler steps once per batch (OneCycle).
-    - amp="bf16" (or "fp16", with a grad scaler) runs the forward pass under autocast on CUDA;
-      channels_last=True stores activations NHWC, which tensor cores prefer.
-    - early_stopping=N stops after N epochs without a better test accuracy, and restores
-      the best epoch's weights.
-    - checkpoint_path: after every epoch the whole state (model, optimizer, scheduler, grad
-      scaler, epoch, history, early stopping and every RNG) is saved there atomically.
-      resume=PATH continues from such a checkpoint and, with the same settings, ends with
-      the same weights and history as an uninterrupted run.
-    - fast_augment=True moves the uint8 training set to the device once and runs the
-      seed-001 augmentation there on whole batches (helpers.augment.BatchAugment).
-    - Under torchrun (torch.distributed initialised) the model is wrapped in
-      DistributedDataParallel; rank 0 alone evaluates, logs and saves.
-    - A NaN or infinite loss raises DivergenceError; the last checkpoint stays as it was.
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int):
-        raise ConfigError(f"epochs must be a whole number, got {epochs!r}")
-    require_positive("epochs", epochs)
-    device = get_device(str(device) if device is not None else None)
-    distributed = dist.is_available() and dist.is_initialized()
-    main = _is_main()
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if fast_augment:
-        from .data import DeviceLoader
-        train_loader = DeviceLoader.from_loader(train_loader, device)
-    train_model = model
-    if distributed and not isinstance(model, nn.parallel.DistributedDataParallel):
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
-        early_stopping = EarlyStopping(early_stopping)
-    arch = arch or _arch_name(model)
-
-    history, start = new_history(), 0
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt["arch"] != arch:
-            raise CheckpointError(f"cannot resume a {arch} from {resume}: it holds a {ckpt['arch']}")
-        if "optimizer" not in ckpt or "epoch" not in ckpt:
-            raise CheckpointError(f"{resume} holds weights only, not a training state: start a new run")
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        if early_stopping is not None and ckpt.get("early_stopping") is not None:
-            early_stopping.load_state_dict(ckpt["early_stopping"])
-        history, start = ckpt["history"], ckpt["epoch"] + 1
-        set_rng_state(ckpt["rng"])
-        if main:
-            log(f"resumed from {resume} after epoch {start} of {epochs}")
-
-    steps = len(train_loader)
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        tr = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, scheduler, amp,
-                             channels_last, scaler, progress, f"epoch {epoch + 1}/{epochs}", epoch * steps)
-        stop = False
-        if main:
-            te = evaluate(model, test_loader, loss_fn, device, amp, channels_last, tta_flip, progress)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            for key, value in (("train_loss", tr["loss"]), ("train_acc", tr["acc"]),
-                               ("test_loss", te["loss"]), ("test_acc", te["acc"])):
-                history[key].append(value)
-            history["lr"].extend(tr["lr"])
-            history["seconds"].append(time.perf_counter() - t0)
-            if early_stopping is not None:
-                stop = early_stopping.step(te["acc"], model, epoch)
-            if progress:
-                log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                    f"{eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
-            if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model, arch, optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                                scaler=scaler.state_dict() if scaler is not None else None,
-                                epoch=epoch, history=history, config=config or {},
-                                early_stopping=early_stopping.state_dict() if early_stopping else None,
-                                rng=rng_state())
-        if distributed:
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        if stop:
-            if main and progress:
-                n = early_stopping.patience
-                log(f"early stopping after epoch {epoch + 1}: no better {eval_name} accuracy for "
-                    f"{n} epoch{'s' if n != 1 else ''}; restoring epoch {early_stopping.best_epoch + 1}")
-            break
-    if early_stopping is not None:
-        if distributed:
-            state = [early_stopping.best_state]
-            dist.broadcast_object_list(state, src=0)
-            early_stopping.best_state = state[0]
-        early_stopping.restore(model)
-        history["best_epoch"] = early_stopping.best_epoch
-    return history
-
-
-def _arch_name(model: nn.Module) -> str:
-    from .models import MODELS
-
-    for name, cls in MODELS.items():
-        if isinstance(unwrap(model), cls):
-            return name
-    raise ConfigError(f"{type(unwrap(model)).__name__} is not one of the course models: pass arch=")
-
-
-# ----------------------------------------------------------------------------------------
-# train: a whole recipe from helpers.config, as the CLI and notebook 04 run it
-# ----------------------------------------------------------------------------------------
-def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distributed: bool = False,
-                  persistent_workers: bool = False):
-    """(train_loader, eval_loader, test_loader) for a recipe. The eval loader is a stratified
-    validation split of the training set when recipe.val_split > 0, else the test set."""
-    mean, std = data.mean, data.std
-    train_x, train_y = data.train_images, data.train_labels
-    val_x, val_y = data.test_images, data.test_labels
-    if recipe.val_split > 0:
-        train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
-    # the same augmentation settings build the albumentations pipeline and, with
-    # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
-    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
-    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std, **spec["options"]),
-                        batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
-                        distributed=distributed, persistent_workers=persistent_workers, recipe=spec)
-    test_tf = aug.test_transforms(mean, std)
-    test = make_loader(data.test_images, data.test_labels, test_tf, batch_size=recipe.test_batch_size,
-                       workers=workers)
-    val = test if recipe.val_split == 0 else make_loader(
-        val_x, val_y, test_tf, batch_size=recipe.test_batch_size, workers=workers)
-    return train, val, test
-
-
-def train(recipe: Recipe, data: CIFAR10Data, device=None, workers: int = 0, checkpoint_path=None,
-          resume=None, amp: str | None = None, channels_last: bool = False, fast_augment: bool = False,
-          compile: bool = False, progress: bool = True, log=print) -> dict:
-    """Build the recipe's model, loaders, optimizer and schedule, fit, and test.
-
-    Returns {"model", "history", "test": {"loss", "acc"}, "recipe", "device"}.
-    """
-    recipe.validate()
-    distributed = dist.is_available() and dist.is_initialized()
-    device = get_device(str(device) if device is not None else None)
-    seed_everything(recipe.seed)
-    model = get_model(recipe.model)
-    train_loader, val_loader, test_loader = build_loaders(recipe, data, workers, distributed)
-    optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
-                               recipe.weight_decay, recipe.nesterov)
-    scheduler = None
-    if recipe.schedule == "onecycle":
-        scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, recipe.epochs, len(train_loader),
-                              recipe.peak_epoch)
-    run_model = torch.compile(model) if compile else model
-    history = fit(run_model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
-                  nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device, amp,
-                  channels_last, recipe.early_stopping_patience, checkpoint_path, resume,
-                  arch=recipe.model, config=recipe.to_dict(), fast_augment=fast_augment,
-                  tta_flip=recipe.tta_flip, eval_name="val" if recipe.val_split > 0 else "test",
-                  progress=progress, log=log)
-    history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
-    test = evaluate(model, test_loader, device=device, amp=amp, channels_last=channels_last,
-                    tta_flip=recipe.tta_flip, progress=False) if _is_main() else None
-    return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}

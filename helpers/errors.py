@@ -39,3 +39,9 @@ def require_probability(name: str, value) -> None:
     """Raise ConfigError unless 0 <= value <= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name} must be a probability between 0 and 1, got {value!r}")
+
+
+def require_whole(name: str, value, minimum: int = 1) -> None:
+    """Raise ConfigError unless `value` is a whole number >= minimum (epochs, batch sizes, steps)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")

@@ -298,3 +298,17 @@ def test_loader_rejects_bad_batch_size_and_workers():
             D.make_loader(x, y, batch_size=bad)
     with pytest.raises(ConfigError, match="workers"):
         D.make_loader(x, y, workers=-1)
+
+
+def test_source_names_the_data_as_the_user_did_never_the_machine_path(tmp_path, monkeypatch):
+    root = write_image_tree(tmp_path / "jpg-copy", per_class=1, suffix=".jpg")
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFAR10_DIR", str(root))
+    from_env = D.load_cifar10()
+    assert from_env.source == "$CIFAR10_DIR (image folder, lossy JPEG copy)"
+    assert str(tmp_path) not in from_env.source
+    png = write_image_tree(tmp_path / "png-copy", per_class=1)
+    assert D.load_cifar10(png).source == f"{png} (image folder)"          # a root is named as given
+    monkeypatch.chdir(tmp_path)
+    assert D.load_cifar10("png-copy").source == "png-copy (image folder)"
+    assert "subset" in from_env.subset(1, 1).source and from_env.subset(1, 1).source.startswith("$CIFAR10_DIR")

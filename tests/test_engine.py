@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
 from helpers import engine
 from helpers.augment import test_transforms
 from helpers.checkpoint import load_model, save_checkpoint
@@ -12,6 +13,9 @@ from helpers.config import recipe
 from helpers.data import make_loader
 from helpers.errors import CheckpointError, ConfigError, DivergenceError
 from helpers.models import get_model
+
+
+QUIET = engine.RunOptions(device="cpu", progress=False)
 
 
 def schedule_lrs(epochs=24, steps=98, peak=5, lr_max=2.54e-3, lr_min=None):
@@ -47,7 +51,8 @@ def test_seed001_schedule_numbers():
     ({"lr_max": 0}, "lr_max must be a positive number"),
     ({"lr_max": -1e-3}, "lr_max must be a positive number"),
     ({"lr_min": 1.0}, "is above lr_max"),
-    ({"epochs": 0}, "epochs must be a positive number"),
+    ({"epochs": 0}, "epochs must be a whole number >= 1"),
+    ({"steps": 2.5}, "steps_per_epoch must be a whole number >= 1, got 2.5"),
 ])
 def test_bad_schedules_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -59,8 +64,10 @@ def test_bad_recipes_are_refused():
         recipe("resnet9", smoke=False, epochs=3, peak_epoch=9)
     with pytest.raises(ConfigError, match="learning rate must be a positive number"):
         recipe("compact", smoke=False, lr=-0.1)
-    with pytest.raises(ConfigError, match="batch_size must be a positive number"):
+    with pytest.raises(ConfigError, match="batch_size must be a whole number >= 1, got 0"):
         recipe("vgg", smoke=False, batch_size=0)
+    with pytest.raises(ConfigError, match="epochs must be a whole number >= 1, got True"):
+        recipe("vgg", smoke=False, epochs=True)
     with pytest.raises(ConfigError, match="unknown optimizer"):
         engine.make_optimizer("rmsprop", get_model("compact").parameters(), 1e-3)
 
@@ -88,7 +95,7 @@ def test_a_small_model_overfits_256_images(small_data):
     model = get_model("compact")
     train, test = loaders(small_data)
     opt = engine.make_optimizer("adam", model.parameters(), 2e-3)
-    history = engine.fit(model, train, test, opt, epochs=25, progress=False)
+    history = engine.fit(model, train, test, opt, 25, options=QUIET)
     eval_train = make_loader(small_data.train_images[:256], small_data.train_labels[:256],
                              test_transforms(small_data.mean, small_data.std), batch_size=256)
     acc = engine.evaluate(model, eval_train, progress=False)["acc"]
@@ -103,7 +110,7 @@ def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):
     model = get_model("resnet9")
     train, _ = loaders(small_data, n_train=64)
     opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
-    engine.train_one_epoch(model, train, opt, progress=False)   # move the BN statistics too
+    engine.train_one_epoch(model, train, opt, options=QUIET)    # move the BN statistics too
     path = save_checkpoint(tmp_path / "ckpt" / "resnet9.pt", model, "resnet9", metrics={"acc": 0.5})
     assert not list(path.parent.glob("*.tmp"))                  # nothing half-written left behind
     loaded, ckpt = load_model(path)
@@ -112,6 +119,49 @@ def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert ckpt["arch"] == "resnet9" and ckpt["metrics"] == {"acc": 0.5}
+
+
+def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
+    """What a run in progress is resumed from, key for key: the history with an LR for every
+    step, early stopping, every RNG, and a grad-scaler state with fp16 only (None without)."""
+    tf = test_transforms(small_data.mean, small_data.std)
+    train = make_loader(small_data.train_images[:16], small_data.train_labels[:16], tf, batch_size=8, shuffle=True)
+    test = make_loader(small_data.test_images[:8], small_data.test_labels[:8], tf, batch_size=8)
+    for amp in (None, "fp16"):
+        torch.manual_seed(0)
+        model = get_model("compact")
+        opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
+        path = tmp_path / f"{amp}.pt"
+        engine.fit(model, train, test, opt, 1, options=engine.RunOptions("cpu", amp, progress=False),
+                   extras=engine.FitOptions(early_stopping=3, checkpoint_path=path, config={"seed": 0}))
+        ckpt = torch.load(path, weights_only=True)
+        assert list(ckpt) == ["format", "arch", "model", "optimizer", "scheduler", "scaler", "epoch", "history",
+                              "config", "early_stopping", "rng"]
+        assert list(ckpt["history"]) == ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+        assert len(ckpt["history"]["lr"]) == 2 and len(ckpt["history"]["test_acc"]) == 1
+        assert (ckpt["arch"], ckpt["epoch"], ckpt["config"], ckpt["scheduler"]) == ("compact", 0, {"seed": 0}, None)
+        assert ckpt["early_stopping"]["patience"] == 3 and ckpt["early_stopping"]["best_epoch"] == 0
+        assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+        assert (ckpt["scaler"] is None) == (amp is None), amp
+
+
+def test_early_stopping_takes_a_patience_or_an_instance():
+    assert engine.EarlyStopping.make(None) is None
+    stopper = engine.EarlyStopping(3)
+    assert engine.EarlyStopping.make(stopper) is stopper and engine.EarlyStopping.make(2).patience == 2
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="patience must be a whole number >= 1"):
+            engine.EarlyStopping.make(bad)
+
+
+def test_inference_does_not_need_the_training_engine():
+    """helpers.analysis (predictions, and the logits that evaluation uses) imports without
+    helpers.engine, so error analysis never pulls in the training loop."""
+    import subprocess
+    import sys
+
+    code = "import sys, helpers.analysis; assert 'helpers.engine' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -147,7 +197,8 @@ def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch
     model = get_model("compact")
     train, test = loaders(small_data, n_train=64)
     opt = engine.make_optimizer("nadam", model.parameters(), 2.5e-3)
-    history = engine.fit(model, train, test, opt, epochs=10, early_stopping=2, progress=False)
+    history = engine.fit(model, train, test, opt, 10, options=QUIET,
+                         extras=engine.FitOptions(early_stopping=2))
     assert len(snapshots) == 4 and history["best_epoch"] == 1
     final = model.state_dict()
     assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
@@ -160,13 +211,14 @@ def test_divergence_guard_stops_with_step_and_lr(small_data):
     train, test = loaders(small_data, n_train=128)
     opt = torch.optim.SGD(model.parameters(), lr=1e8)
     with pytest.raises(DivergenceError, match=r"at step \d+ \(LR 1e\+08\).*try a lower one"):
-        engine.fit(model, train, test, opt, epochs=3, progress=False)
+        engine.fit(model, train, test, opt, 3, options=QUIET)
 
 
 def test_same_seed_gives_the_same_history_with_workers(small_data):
     """Determinism on CPU: two runs of a recipe with 2 loader workers agree exactly."""
     r = recipe("compact", smoke=True, epochs=2, early_stopping_patience=None)
-    runs = [engine.train(r, small_data, device="cpu", workers=2, progress=False) for _ in range(2)]
+    options = engine.RunOptions(device="cpu", workers=2, progress=False)
+    runs = [engine.train(r, small_data, options) for _ in range(2)]
     h1, h2 = (run["history"] for run in runs)
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert h1[key] == h2[key], key
@@ -176,8 +228,63 @@ def test_same_seed_gives_the_same_history_with_workers(small_data):
 
 def test_short_resnet9_run_on_real_data_reports_test_accuracy(small_data):
     """The seed-001 recipe in smoke mode: 1,000 real training images, 2 epochs, on CPU."""
-    result = engine.train(recipe("resnet9", smoke=True), small_data, device="cpu", progress=False)
+    result = engine.train(recipe("resnet9", smoke=True), small_data, QUIET)
     acc = result["test"]["acc"]
     print(f"ResNet-9 smoke run (1,000 train / 500 test JPEG-copy images, 2 epochs): test accuracy {acc:.3f}")
     assert acc > 0.2                                     # chance is 0.1
     assert len(result["history"]["lr"]) == 2 * 8         # 1,000 / 128 -> 8 steps per epoch
+
+
+def test_auto_options_pick_bf16_only_where_the_hardware_has_it(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(engine, "_cpu_has_native_bf16", lambda: native)
+        opts = engine.auto_options("cpu")
+        assert (opts.amp, opts.channels_last) == (("bf16", True) if native else (None, False))
+        assert opts.fast_augment and opts.workers == 0 and opts.device == "cpu"
+        text = opts.describe()
+        assert text.startswith(f"device cpu: {'bf16' if native else 'fp32'}") and len(text.splitlines()) == 3
+        assert ("AVX-512 BF16" in text) == native and ("slower than fp32" in text) == (not native)
+
+
+def test_auto_options_on_cuda_follow_the_compute_capability(monkeypatch):
+    monkeypatch.setattr(engine, "get_device", lambda preferred=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    for capability, amp in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        opts = engine.auto_options()
+        assert (opts.amp, opts.channels_last, opts.fast_augment) == (amp, True, True)
+        assert ("grad scaler" in opts.describe()) == (amp == "fp16")
+
+
+def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp_path, small_data):
+    from helpers.analysis import predict
+    from helpers.checkpoint import export_fp16
+
+    torch.manual_seed(0)
+    model = get_model("resnet9").eval()
+    full = save_checkpoint(tmp_path / "full.pt", model, "resnet9", mean=list(small_data.mean),
+                           std=list(small_data.std), metrics={"test_acc": 0.5}, optimizer={"big": 1})
+    small = export_fp16(full, tmp_path / "models" / "small.pt", commit="abc123", data_source="$CIFAR10_DIR")
+    saved = torch.load(small, weights_only=True)
+    assert saved["dtype"] == "float16" and "optimizer" not in saved
+    assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
+    assert (saved["commit"], saved["metrics"], saved["mean"]) == ("abc123", {"test_acc": 0.5}, list(small_data.mean))
+    assert small.stat().st_size < 0.55 * full.stat().st_size
+    restored, ckpt = load_model(small)
+    x = small_data.test_images[:200]
+    a = predict(model, x, small_data.test_labels[:200], ckpt["mean"], ckpt["std"])
+    b = predict(restored, x, small_data.test_labels[:200], ckpt["mean"], ckpt["std"])
+    assert np.abs(a.probs - b.probs).max() < 0.02 and (a.preds == b.preds).mean() >= 0.98
+
+
+@pytest.mark.skipif(not (REPO / "models" / "resnet9_cifar10.pt").exists(),
+                    reason="models/resnet9_cifar10.pt is shipped by the full seed-001 run (not yet made)")
+def test_shipped_model_keeps_its_recorded_accuracy_on_a_stratified_1000_image_test_subset(real_data):
+    from helpers.analysis import predict
+
+    model, ckpt = load_model(REPO / "models" / "resnet9_cifar10.pt")
+    assert ckpt["arch"] == "resnet9" and ckpt["dtype"] == "float16"
+    assert (REPO / "models" / "resnet9_cifar10.pt").stat().st_size <= 14 * 2**20
+    sub = real_data.subset(1, 100)                                  # 100 test images per class
+    acc = predict(model, sub.test_images, sub.test_labels, ckpt["mean"], ckpt["std"]).accuracy
+    assert acc >= 0.88 and abs(acc - ckpt["metrics"]["test_acc"]) < 0.03

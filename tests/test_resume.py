@@ -8,8 +8,8 @@ the same run left alone. What that needs, and what these tests set:
   - the CPU (--device cpu) and the same number of torch threads in every run: the tests set
     OMP_NUM_THREADS=1 (a float sum split over another thread count may round differently);
   - the same --workers: 0, or 2 worker processes (each epoch's shuffling and augmentation
-    streams are a pure function of seed and epoch, helpers.data.SeededLoader; the CLI
-    never uses persistent workers, whose streams would run on across epochs);
+    streams are a pure function of seed and epoch, helpers.data.SeededLoader; the loaders
+    never use persistent workers, whose streams would run on across epochs);
   - the checkpoint holds model, optimizer, early-stopping state and every RNG, and is
     written atomically, so it is complete as soon as it exists.
 Data: $CIFAR10_DIR (relative to the repo root), else ../shared/data/cifar10-jpg; skipped without it.
@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
     resumed.returncode = resume.returncode
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {last}: {done} of {epochs} epochs done" in resumed.stdout
-    assert f"resumed from {last} after epoch {done} of {epochs}" in resumed.stdout
+    assert f"resumed after epoch {done} of {epochs} (from {last.name})" in resumed.stdout
     assert len(re.findall(rf"^epoch +\d/{epochs} ", resumed.stdout, re.M)) == epochs - done   # only the rest
 
     a, b = load_checkpoint(full_dir / "compact.pt"), load_checkpoint(crash_dir / "compact.pt")
@@ -158,6 +158,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(engine, "save_checkpoint", recording_save)
+    quiet = engine.RunOptions(device="cpu", progress=False)
     engine.seed_everything(0)
     model = get_model("vgg")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -165,8 +166,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sched = LambdaLR(opt, lambda step: 1.0 if step <= steps else 1e9)
     ckpt = tmp_path / "vgg_last.pt"
     with pytest.raises(DivergenceError) as info:
-        engine.fit(model, train_loader, test_loader, opt, 3, scheduler=sched, checkpoint_path=ckpt,
-                   arch="vgg", progress=False)
+        engine.fit(model, train_loader, test_loader, opt, 3, sched, options=quiet,
+                   extras=engine.FitOptions(checkpoint_path=ckpt, arch="vgg"))
     message = str(info.value)
     m = re.fullmatch(r"loss became (nan|inf|-inf) at step (\d+) \(LR 1e\+06\): the LR is too high; "
                      r"try a lower one, e\.g\. 1e\+05", message)
@@ -182,8 +183,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     model2 = get_model("vgg")
     opt2 = torch.optim.SGD(model2.parameters(), lr=1e-3, momentum=0.9)
-    history = engine.fit(model2, train_loader, test_loader, opt2, 2, scheduler=LambdaLR(opt2, lambda s: 1.0),
-                         resume=ckpt, arch="vgg", progress=False)
+    history = engine.fit(model2, train_loader, test_loader, opt2, 2, LambdaLR(opt2, lambda s: 1.0),
+                         options=quiet, extras=engine.FitOptions(resume=ckpt, arch="vgg"))
     assert len(history["train_loss"]) == 2 and all(map(math.isfinite, history["train_loss"]))
 
 
@@ -201,8 +202,8 @@ def test_cli_divergence_is_one_line_and_leaves_the_checkpoint_alone(tmp_path):
     model = get_model("vgg")
     opt = engine.make_optimizer("sgd", model.parameters(), 1e-3)
     ckpt = tmp_path / "models" / "vgg_last.pt"
-    engine.fit(model, train, test, opt, 1, checkpoint_path=ckpt, config=recipe("vgg", smoke=True).to_dict(),
-               progress=False)
+    engine.fit(model, train, test, opt, 1, options=engine.RunOptions(device="cpu", progress=False),
+               extras=engine.FitOptions(checkpoint_path=ckpt, config=recipe("vgg", smoke=True).to_dict()))
     before = (sha256(ckpt), os.stat(ckpt).st_mtime_ns)
 
     proc = cli("train", "--model", "vgg", "--lr", "1e6", "--train_batch", "16", "--workers", "0",

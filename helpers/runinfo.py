@@ -1,0 +1,69 @@
+"""Provenance: what every measured run records beside its figures (device, CPU, thread
+count, package versions, commit, date), so that a number in results/ can be reproduced."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+
+from .config import REPO_ROOT
+
+PACKAGES = ("torch", "torchvision", "numpy", "albumentations", "matplotlib", "pillow", "tqdm")
+
+
+def package_versions() -> dict:
+    """Python's and the main packages' versions."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """'NVIDIA H100 80GB HBM3 (cuda)' or 'AMD EPYC (CPU, 2 cores)'."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    if device.type == "cpu":
+        return f"{cpu_name()} (CPU, {os.cpu_count()} cores)"
+    return str(device)
+
+
+def git_commit() -> dict:
+    """{'commit': HEAD or None, 'dirty': uncommitted changes to tracked files}."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def run_info(device) -> dict:
+    """Everything a results/ record states about the run that produced it."""
+    import torch
+
+    return {"device": device_name(device), "torch_threads": torch.get_num_threads(),
+            "versions": package_versions(), "git": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
