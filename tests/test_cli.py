@@ -80,8 +80,9 @@ def trained(request, tmp_path_factory):
         pytest.skip(f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
     model = request.param
     root = tmp_path_factory.mktemp(f"cli-{model}")
+    dropout = ("--dropout", "0.2") if model == "resnet9" else ()       # resnet9 only
     proc = cli("train", "--model", model, "--epochs", "1", "--workers", "0", "--serialize",
-               "--checkpoints", root / "models")
+               "--weight-decay", "1e-4", *dropout, "--checkpoints", root / "models")
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = float(printed(r"^test accuracy: (\d\.\d{4}) \(loss [\d.]+\) on 500 images", proc.stdout))
     return SimpleNamespace(model=model, root=root, dir=root / "models", proc=proc, acc=acc,
@@ -103,6 +104,9 @@ def test_train_writes_checkpoints_history_and_curves(trained):
 
     final = load_checkpoint(trained.final)
     assert final["arch"] == m and final["config"]["model"] == m and final["config"]["epochs"] == 1
+    # --weight-decay and --dropout reach the recipe that trained and was saved
+    assert final["config"]["weight_decay"] == 1e-4 and "weight decay 0.0001" in out
+    assert final["config"]["dropout"] == (0.2 if m == "resnet9" else 0.0)
     assert "optimizer" not in final                                          # weights for test/predict
     assert final["metrics"]["test_acc"] == pytest.approx(trained.acc, abs=5e-5)
     assert len(final["mean"]) == 3 and len(final["std"]) == 3
@@ -119,9 +123,13 @@ def test_train_writes_checkpoints_history_and_curves(trained):
     assert record["model"] == m and record["config"] == final["config"]
     assert record["history"]["test_acc"] == final["history"]["test_acc"]
     assert record["test"]["acc"] == final["metrics"]["test_acc"] and record["test"]["images"] == 500
-    assert record["device"].split(":")[0].split(" ")[0] in {"cpu", "cuda", "mps"}
+    from helpers.engine import get_device
+    from helpers.runinfo import device_name
+
+    assert record["device"] == device_name(get_device())           # helpers.runinfo's provenance
     assert {"python", "torch", "numpy", "albumentations"} <= set(record["versions"])
-    assert "cifar10-jpg" in record["data"]["source"]
+    assert {"commit", "dirty"} <= set(record["git"]) and record["torch_threads"] >= 1
+    assert record["data"]["source"].startswith("$CIFAR10_DIR (image folder")
     assert record["data"]["train_images"] + record["data"]["validation_images"] == 1000
     assert record["wall_seconds"] > 0 and record["smoke"] is True and record["world_size"] == 1
     assert_png(trained.dir / f"{m}_curves.png")
@@ -258,9 +266,9 @@ def test_train_and_test_splits_can_come_from_two_folders(tmp_path, monkeypatch):
     data = load_data(a, b)
     assert len(data.train_labels) == 20 and (data.train_images == 10).all()
     assert len(data.test_labels) == 30 and (data.test_images == 200).all()
-    assert data.source == f"train: image folder {a}; test: image folder {b}"
+    assert data.source == f"train: {a} (image folder); test: {b} (image folder)"
     same = load_data(a, tmp_path / "a" / ".." / "a")                  # one folder: loaded once
-    assert len(same.test_labels) == 20 and same.source == f"image folder {a}"
+    assert len(same.test_labels) == 20 and same.source == f"{a} (image folder)"
     only_test = load_data(None, b)                                    # both splits from the one given
     assert len(only_test.train_labels) == len(only_test.test_labels) == 30
 
@@ -309,6 +317,11 @@ def test_help_shows_every_flag_with_its_default(command):
                "predict": ["--model", "--plot", "--top"]}[command]
     assert set(seed003) <= set(entries)
     if command == "train":
+        # the recipe flags come from helpers.config.Recipe, each with every recipe's default
+        assert {"--peak-epoch", "--patience", "--dropout", "--weight-decay", "--weight_decay"} <= set(entries)
+        assert "(default: the recipe's: resnet9 24, resnet9-tuned 24, vgg 15, compact 200)" in entries["--epochs"]
+        assert "resnet9 0.1, resnet9-tuned 0," in entries["--dropout"]
+        assert "resnet9-tuned 0.0005" in entries["--weight-decay"]
         assert "(default: ./models/)" in entries["--checkpoints"]
         assert "effective batch is N x --train_batch" in proc.stdout
     if command == "test":
@@ -358,14 +371,22 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
         "no command": ((), {}, 2, r"^error: the following arguments are required: COMMAND"),
         "no images": (("predict",), {}, 2, r"^error: the following arguments are required: IMAGE"),
         "peak beyond epochs": (("train", "--model", "resnet9", "--epochs", "2", "--peak-epoch", "3"), {}, 2,
-                               r"^error: --peak-epoch 3 is beyond the 2 epochs: choose 1..2$"),
+                               r"^error: peak epoch 3 is outside 1..2: choose a peak epoch no later than the last"),
         "recipe peak beyond epochs": (("train", "--model", "resnet9", "--no-smoke", "--epochs", "3"), {}, 2,
-                                      r"recipe peaks at epoch 5 but only 3 epochs .*add --peak-epoch N"),
+                                      r"^error: peak epoch 5 is outside 1..3"),
+        "dropout out of range": (("train", "--dropout", "1.5"), {}, 2, r"^error: dropout must be in \[0, 1\), got 1.5"),
+        "dropout on vgg": (("train", "--model", "vgg", "--dropout", "0.2"), {}, 2,
+                           r"^error: dropout is an option of resnet9 only"),
+        "negative weight decay": (("train", "--weight-decay", "-1e-3"), {}, 2,
+                                  r"^error: weight decay must be >= 0, got -0.001"),
+        "weight decay not a number": (("train", "--weight_decay", "lots"), {}, 2,
+                                      r"^error: argument --weight-decay/--weight_decay: must be a number, got 'lots'"),
         "peak epoch on a constant LR": (("train", "--model", "vgg", "--peak-epoch", "2"), {}, 2,
                                         r"--peak-epoch shapes the OneCycle schedule, but the vgg recipe"),
         "tuned recipe for vgg": (("train", "--model", "vgg", "--recipe", "tuned"), {}, 2, r"--recipe tuned is a resnet9 recipe"),
         "unknown device": (("train", "--device", "tpu"), {}, 2, r"^error: unknown device 'tpu'"),
-        "fast augment on seed004": (("train", "--model", "compact", "--fast-augment"), {}, 2, r"drop --fast-augment"),
+        "fast augment on seed004": (("train", "--model", "compact", "--fast-augment", "--checkpoints", tmp / "ck9"), {}, 2,
+                                    r"not 'seed004': drop --fast-augment"),
         "resume with other settings": (("train", "--model", "compact", "--resume", train_state, "--lr", "0.1",
                                         "--checkpoints", tmp / "ck1"), {}, 2,
                                        r"cannot resume .*compact_last.pt with other settings \(lr 0.0025 -> 0.1\)"),
@@ -423,7 +444,8 @@ def error_cases(tmp_path_factory):
 
 ERROR_NAMES = ["unknown model", "zero epochs", "negative epochs alias", "negative batch", "zero test batch", "zero lr",
                "negative lr", "lr not a number", "momentum out of range", "no command", "no images",
-               "peak beyond epochs", "recipe peak beyond epochs", "peak epoch on a constant LR", "tuned recipe for vgg", "unknown device",
+               "peak beyond epochs", "recipe peak beyond epochs", "dropout out of range", "dropout on vgg",
+               "negative weight decay", "weight decay not a number", "peak epoch on a constant LR", "tuned recipe for vgg", "unknown device",
                "fast augment on seed004", "resume with other settings", "wrong train path", "wrong test path",
                "empty data folder", "wrong CIFAR10_DIR", "wrong test --tp", "resume other arch", "resume final weights",
                "resume missing", "truncated checkpoint (test)", "truncated checkpoint (predict)", "missing checkpoint",
@@ -431,7 +453,7 @@ ERROR_NAMES = ["unknown model", "zero epochs", "negative epochs alias", "negativ
                "unwritable predict --plot", "no default model", "read-only checkpoints"]
 # These also run as real processes (in parallel), to check what a shell sees: the exit status,
 # stderr holding nothing but the error line, and no traceback.
-IN_SUBPROCESS = ["unknown model", "zero epochs", "negative lr", "peak beyond epochs", "wrong train path",
+IN_SUBPROCESS = ["unknown model", "zero epochs", "negative lr", "peak beyond epochs", "dropout out of range", "wrong train path",
                  "wrong CIFAR10_DIR", "resume other arch", "truncated checkpoint (test)", "non-image file",
                  "unwritable checkpoints", "no default model"]
 
