@@ -81,16 +81,19 @@ def class_counts(counts_by_split: dict[str, dict[str, int]]):
 
 
 def channel_histograms(images, mean=None, bins: int = 64):
-    """Pixel-intensity histogram of each RGB channel, with the channel mean marked."""
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for c, color in enumerate(("red", "green", "blue")):
+    """Pixel-intensity histogram of each RGB channel, one panel each, the channel mean marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    for c, (ax, color) in enumerate(zip(axes, ("red", "green", "blue"))):
         values = np.asarray(images)[..., c].ravel()
-        ax.hist(values, bins=bins, range=(0, 255), color=color, alpha=0.4, density=True, label=color)
+        ax.hist(values, bins=bins, range=(0, 255), color=color, histtype="stepfilled", alpha=0.5,
+                density=True)
         if mean is not None:
-            ax.axvline(mean[c] * 255, color=color, linestyle="--", linewidth=1)
-    ax.set_xlabel("pixel value (0-255)"), ax.set_ylabel("density")
-    ax.set_title("Pixel intensities per channel (dashed: channel mean)")
-    ax.legend()
+            ax.axvline(mean[c] * 255, color="black", linestyle="--", linewidth=1,
+                       label=f"mean {mean[c] * 255:.0f}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("pixel value (0-255)"), ax.set_title(f"{color} channel")
+    axes[0].set_ylabel("density")
+    fig.suptitle("Pixel intensities per channel")
     fig.tight_layout()
     return fig
 
@@ -140,27 +143,38 @@ def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = No
     return fig
 
 
-def training_curves(history: dict, eval_name: str | None = None):
-    """Loss and accuracy per epoch for train and test (or validation), and the LR per step."""
+def training_curves(history: dict, eval_name: str | None = None, target: float | None = None):
+    """Loss and accuracy (%) per epoch for train and test (or validation), and the LR at every
+    step against the epoch; `target` (e.g. 0.90) draws the accuracy goal as a line."""
     eval_name = eval_name or history.get("eval_set", "test")
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
-        ax.plot(epochs, history[f"train_{key}"], "o-", label="train")
-        ax.plot(epochs, history[f"test_{key}"], "o-", label=eval_name)
-        ax.set_xlabel("epoch"), ax.set_ylabel(label), ax.set_title(f"{label.capitalize()} per epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+    axes[0].plot(epochs, history["train_loss"], "o-", label="train")
+    axes[0].plot(epochs, history["test_loss"], "o-", label=eval_name)
+    axes[0].set_ylabel("loss"), axes[0].set_title("Loss per epoch")
+    axes[1].plot(epochs, 100 * np.asarray(history["train_acc"]), "o-", label="train")
+    axes[1].plot(epochs, 100 * np.asarray(history["test_acc"]), "o-", label=eval_name)
+    axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
+    if target is not None:
+        axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {target:.0%}")
     if "best_epoch" in history and history["best_epoch"] >= 0:
         axes[1].axvline(history["best_epoch"] + 1, color="grey", linestyle="--", label="best epoch")
-    axes[2].plot(history["lr"])
-    axes[2].set_xlabel("step (batch)"), axes[2].set_ylabel("learning rate"), axes[2].set_title("LR per step")
+    for ax in axes[:2]:
+        ax.set_xlabel("epoch"), ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lrs = np.asarray(history["lr"])
+    steps_per_epoch = len(lrs) / max(len(epochs), 1)
+    axes[2].plot(np.arange(1, len(lrs) + 1) / steps_per_epoch, lrs)   # step k ends at epoch k/steps
+    axes[2].set_xlim(0, len(epochs))
+    axes[2].set_xlabel("epoch"), axes[2].set_ylabel("learning rate"), axes[2].set_title("LR at every step")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
 
 def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusion matrix"):
-    """Heatmap of true class (rows) against predicted class (columns), counts in the cells."""
+    """Heatmap of true class (rows) against predicted class (columns): counts in the cells, or
+    with normalize=True the percentage of each true class (every row adds up to 100)."""
     cm = np.asarray(cm)
     shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
@@ -171,7 +185,7 @@ def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusi
     thresh = shown.max() / 2 if shown.size else 0
     for i in range(len(classes)):
         for j in range(len(classes)):
-            text = f"{shown[i, j]:.2f}" if normalize else str(int(cm[i, j]))
+            text = f"{100 * shown[i, j]:.0f}" if normalize else str(int(cm[i, j]))
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if shown[i, j] > thresh else "black")
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
@@ -190,8 +204,9 @@ def prediction_grid(images, labels, preds, classes, ncols: int = 8, title: str |
 
 
 def misclassified(images, labels, preds, probs, classes, ncols: int = 5, title: str | None = None):
-    """Wrong predictions with true label, predicted label and the predicted probability."""
-    titles = [f"true: {classes[t]}\npred: {classes[p]} ({pr[p]:.2f})"
+    """Wrong predictions: the predicted class with its probability, and the true class with
+    the probability the model gave it (low p(true) = confidently wrong = high loss)."""
+    titles = [f"pred: {classes[p]} ({pr[p]:.2f})\ntrue: {classes[t]} ({pr[t]:.2f})"
               for t, p, pr in zip(labels, preds, probs)]
     return image_grid(images, titles, ncols, title or "Misclassified images, highest loss first",
                       ["red"] * len(labels), size=1.9)
@@ -218,6 +233,68 @@ def probability_bars(images, probs, classes, labels=None, top: int | None = None
         axes[i, 1].tick_params(labelsize=8)
         axes[i, 1].set_xlabel("probability", fontsize=8)
     fig.suptitle("Class probabilities (green: predicted and right; red: predicted and wrong, blue: the true class)")
+    fig.tight_layout()
+    return fig
+
+
+def grad_cam_pairs(images, cam_pred, cam_true, labels, preds, classes, alpha: float = 0.5):
+    """One row per image: the image, where the model looked for its (wrong) prediction, and
+    where it looked for the true class (Grad-CAM heatmaps over the image)."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(6.3, 2.1 * n), squeeze=False)
+    for i in range(n):
+        heads = ("image", f"for pred: {classes[preds[i]]}", f"for true: {classes[labels[i]]}")
+        for ax, cam, head in zip(axes[i], (None, cam_pred[i], cam_true[i]), heads):
+            ax.imshow(images[i], interpolation="nearest")
+            if cam is not None:
+                ax.imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+            ax.set_title(head, fontsize=8, color="red" if "pred" in head else "black")
+            ax.axis("off")
+    fig.suptitle("Grad-CAM: where the model looked (red = most evidence)")
+    fig.tight_layout()
+    return fig
+
+
+def cutout_geometry(image, crop_yx, hole_yx, pad: int, cutout_pad: int, hole: int):
+    """Seed 001's two paddings on one image: the 40x40 reflect-padded frame with the random
+    32x32 crop box, then the crop padded to 48x48 with the 8x8 hole and the centre crop box."""
+    from matplotlib.patches import Rectangle
+
+    img = np.asarray(image)
+    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    cy, cx = crop_yx
+    crop = padded[cy:cy + 32, cx:cx + 32]
+    framed = np.pad(crop, ((cutout_pad, cutout_pad), (cutout_pad, cutout_pad), (0, 0)))
+    hy, hx = hole_yx[0] + cutout_pad, hole_yx[1] + cutout_pad        # hole in the 48x48 frame
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].imshow(padded, interpolation="nearest")
+    axes[0].add_patch(Rectangle((cx - 0.5, cy - 0.5), 32, 32, fill=False, color="yellow", lw=2))
+    axes[0].set_title(f"1. reflect-padded to {32 + 2 * pad}: crop box at (y={cy - pad:+d}, x={cx - pad:+d})",
+                      fontsize=9)
+    axes[1].imshow(framed, interpolation="nearest")
+    axes[1].add_patch(Rectangle((hx - 0.5, hy - 0.5), hole, hole, color="white", alpha=0.8))
+    axes[1].add_patch(Rectangle((cutout_pad - 0.5, cutout_pad - 0.5), 32, 32, fill=False, color="yellow", lw=2))
+    axes[1].set_title(f"2. padded to {32 + 2 * cutout_pad}: hole at (y={hole_yx[0]:+d}, x={hole_yx[1]:+d}), "
+                      "centre crop kept", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def study(rows, title: str = "Seed 001's overfitting study"):
+    """Train and test accuracy (%) of each variant of helpers.study, the gap written above."""
+    names = [r["variant"] for r in rows]
+    train = 100 * np.array([r["train_acc"] for r in rows])
+    test = 100 * np.array([r["test_acc"] for r in rows])
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
+    ax.barh(y + 0.2, train, 0.4, label="train (clean images, eval mode)")
+    ax.barh(y - 0.2, test, 0.4, label="test")
+    for i in range(len(rows)):
+        ax.text(max(train[i], test[i]) + 0.5, y[i], f"gap {train[i] - test[i]:+.1f}", va="center", fontsize=8)
+    ax.set_yticks(y, names), ax.invert_yaxis()
+    ax.set_xlabel("accuracy (%)"), ax.set_xlim(0, 110), ax.set_title(title), ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 

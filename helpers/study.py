@@ -1,0 +1,163 @@
+"""Seed 001's overfitting study, as short runs that finish in minutes on a CPU.
+
+Seed 001 saw its ResNet-9 overfit (98 % train, 93 % test), put dropout in all layers, and
+tried weight decay 1e-3 (no help) and 1e-2 (hurt). `run_study` repeats that comparison,
+plus Page's tuned recipe, on a stratified subset for a few epochs:
+
+    rows = run_study(load_cifar10(), auto_options())["rows"]   # one dict per variant
+
+    python -m helpers.study --out results/overfitting_study.json   # the committed measurement
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from . import config
+from .config import Recipe
+from .data import CIFAR10Data
+
+# ----------------------------------------------------------------------------------------
+# Settings: a tenth of the training set for a quarter of the epochs
+# ----------------------------------------------------------------------------------------
+TRAIN_PER_CLASS = 1000        # 10,000 training images
+TEST_PER_CLASS = 200          # 2,000 test images
+EPOCHS = 6                    # OneCycle peaks at the end of epoch 1 (seed 001: 5 of 24)
+PEAK_EPOCH = 1
+SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS, SMOKE_EPOCHS = 20, 10, 1
+
+# name -> (recipe, changes). Seed 001 tried weight decay on top of its dropout.
+VARIANTS = {
+    "no regularisation": ("resnet9", {"dropout": 0.0}),
+    "dropout 0.1 (seed 001)": ("resnet9", {}),
+    "dropout + weight decay 1e-3": ("resnet9", {"weight_decay": 1e-3}),
+    "dropout + weight decay 1e-2": ("resnet9", {"weight_decay": 1e-2}),
+    "resnet9-tuned (Page)": ("resnet9-tuned", {}),
+}
+
+
+def study_recipes(smoke: bool | None = None) -> dict[str, Recipe]:
+    """The recipes the study compares, shortened (and shrunk further in smoke mode)."""
+    smoke = config.smoke_mode() if smoke is None else smoke
+    epochs = SMOKE_EPOCHS if smoke else EPOCHS
+    return {name: config.recipe(base, smoke=False, epochs=epochs, peak_epoch=min(PEAK_EPOCH, epochs),
+                                batch_size=config.SMOKE_BATCH_SIZE if smoke else None, **changes)
+            for name, (base, changes) in VARIANTS.items()}
+
+
+def study_data(data: CIFAR10Data, smoke: bool | None = None) -> CIFAR10Data:
+    """The stratified subset the study trains and tests on."""
+    smoke = config.smoke_mode() if smoke is None else smoke
+    if smoke:
+        return data.subset(SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS)
+    return data.subset(TRAIN_PER_CLASS, TEST_PER_CLASS)
+
+
+def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=print) -> dict:
+    """Train every variant on the study's subset; return {"settings", "rows"}.
+
+    Each row: the variant, its regularisers, the final train accuracy on the augmented
+    batches (what a training log shows), train accuracy measured afterwards on the
+    un-augmented training subset in eval mode, test accuracy, the gap, and seconds.
+    """
+    from .engine import RunOptions, build_loaders, evaluate, train
+
+    options = dataclasses.replace(options or RunOptions(), progress=False)
+    sub = study_data(data, smoke)
+    rows = []
+    for name, r in study_recipes(smoke).items():
+        t0 = time.perf_counter()
+        log(f"{name}: {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
+        run = train(r, sub, options, log=lambda *a, **k: None)
+        clean = build_loaders(r.replace(augment="none"), sub)[0]   # training images, no augmentation
+        train_acc = evaluate(run["model"], clean, device=run["device"], tta_flip=r.tta_flip,
+                             progress=False)["acc"]
+        test_acc = run["test"]["acc"]
+        rows.append({"variant": name, "optimizer": r.optimizer, "dropout": r.dropout,
+                     "weight_decay": r.weight_decay, "label_smoothing": r.label_smoothing,
+                     "tta_flip": r.tta_flip, "train_acc_augmented": run["history"]["train_acc"][-1],
+                     "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
+                     "seconds": time.perf_counter() - t0})
+        log(f"  train {train_acc:.2%}  test {test_acc:.2%}  gap {train_acc - test_acc:+.2%}")
+    settings = {"train_images": len(sub.train_labels), "test_images": len(sub.test_labels),
+                "epochs": next(iter(study_recipes(smoke).values())).epochs, "source": sub.source,
+                "smoke": bool(config.smoke_mode() if smoke is None else smoke)}
+    return {"settings": settings, "rows": rows}
+
+
+RESULTS = config.REPO_ROOT / "results" / "overfitting_study.json"
+
+
+def load_study(path=RESULTS) -> dict:
+    """The committed measurement (written by `python -m helpers.study`)."""
+    import json
+
+    from .errors import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the study's results {Path(path).name} ({type(e).__name__}): "
+                          "run `python -m helpers.study` (about 50 min on a CPU) or set RUN_STUDY = True") from None
+
+
+def format_rows(rows) -> str:
+    """The study as a fixed-width table."""
+    head = f"{'variant':<30} {'train':>7} {'test':>7} {'gap':>7} {'time':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['variant']:<30} {r['train_acc']:>7.2%} {r['test_acc']:>7.2%} "
+                     f"{r['gap']:>+7.2%} {r['seconds']:>5.0f}s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from .data import load_cifar10
+    from .engine import auto_options
+    from .files import atomic_write, save_json
+    from .runinfo import run_info
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="results/overfitting_study.json", help="where to write the record")
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
+    p.add_argument("--smoke", action="store_true", help="a tiny version, as SMOKE_TEST=1 runs it")
+    args = p.parse_args(argv)
+    options = auto_options(args.device)
+    print(options.describe())
+    t0 = time.time()
+    result = run_study(load_cifar10(), options, smoke=args.smoke or None)
+    result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
+                  command=f"python -m helpers.study --out {args.out}")
+    save_json(args.out, result)
+    report = Path(args.out).with_suffix(".md")
+    with atomic_write(report, "w") as f:
+        f.write(markdown(result))
+    print(format_rows(result["rows"]))
+    print(f"saved {args.out} and {report}")
+    return 0
+
+
+def markdown(result: dict) -> str:
+    """The record as a page for results/: settings, provenance and the table."""
+    s, git = result["settings"], result["git"]
+    lines = [
+        "# Seed 001's overfitting study (`python -m helpers.study`)", "",
+        f"{s['train_images']:,} training and {s['test_images']:,} test images ({s['source']}), "
+        f"{s['epochs']} epochs of each recipe; measured on {result['device']}, torch "
+        f"{result['versions']['torch']}, commit {str(git['commit'])[:8]}{'+' if git['dirty'] else ''}, "
+        f"{result['date']}, {result['wall_seconds'] / 60:.0f} min in all. Train accuracy: the un-augmented "
+        "training images in eval mode; 'augmented': the last epoch's running accuracy.", "",
+        "| variant | optimizer | dropout | weight decay | label smoothing | flip TTA | train | augmented | test | gap | time |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['optimizer']} | {r['dropout']:g} | {r['weight_decay']:g} | "
+                     f"{r['label_smoothing']:g} | {'yes' if r['tta_flip'] else 'no'} | {r['train_acc']:.2%} | "
+                     f"{r['train_acc_augmented']:.2%} | {r['test_acc']:.2%} | {r['gap']:+.2%} | {r['seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Error analysis beyond the confusion matrix: Grad-CAM, the history table, the study figure."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import analysis, plots
+from helpers.models import get_model
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def square_images(n=4, side=8, seed=0):
+    """Grey images with one bright square each, at a random place."""
+    rng = np.random.default_rng(seed)
+    images = np.full((n, 32, 32, 3), 100, np.uint8)
+    corners = rng.integers(0, 32 - side, (n, 2))
+    for im, (y, x) in zip(images, corners):
+        im[y:y + side, x:x + side] = 250
+    return images, corners
+
+
+@pytest.mark.parametrize("name", ["resnet9", "vgg", "compact"])
+def test_grad_cam_gives_one_normalised_map_per_image_and_class(name):
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    images, _ = square_images()
+    cams = analysis.grad_cam(model, images, [0, 3, 5, 9], MEAN, STD)
+    assert cams.shape == (4, 32, 32)
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    # evidence for different classes differs (the gradient of each class's logit is its own)
+    other = analysis.grad_cam(model, images, [1, 1, 1, 1], MEAN, STD)
+    assert not np.allclose(cams, other)
+
+
+def test_grad_cam_lights_up_the_evidence_the_model_uses():
+    """A model whose class-1 logit is the amount of bright pixels: Grad-CAM for class 1 must
+    light up each image's bright square and nothing else."""
+
+    class BrightnessProbe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = torch.nn.Conv2d(3, 1, 1)
+            torch.nn.init.constant_(conv.weight, 1 / 3)
+            torch.nn.init.zeros_(conv.bias)
+            self.features = torch.nn.Sequential(conv, torch.nn.ReLU())   # > 0 only on bright pixels
+
+        def forward(self, x):
+            score = self.features(x).mean((1, 2, 3))
+            return torch.stack([torch.zeros_like(score), score], 1)
+
+    images, corners = square_images(3)
+    model = BrightnessProbe()
+    cams = analysis.grad_cam(model, images, [1, 1, 1], MEAN, STD, layer=model.features)
+    for cam, (y, x) in zip(cams, corners):
+        inside = np.zeros((32, 32), bool)
+        inside[y:y + 8, x:x + 8] = True
+        assert cam[inside].min() > 0.9 and cam[~inside].max() < 0.1
+
+
+def test_cam_layer_is_the_last_convolutional_block():
+    from helpers.models import ResNet9
+
+    model = ResNet9()
+    assert analysis.cam_layer(model) is model.layer3
+    with pytest.raises(TypeError, match="no Grad-CAM layer"):
+        analysis.cam_layer(torch.nn.Linear(2, 2))
+
+
+def test_history_table_has_one_row_per_epoch_with_its_last_lr():
+    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "test_loss": [1.2, 0.8],
+               "test_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
+    lines = analysis.history_table(history).splitlines()
+    assert len(lines) == 4                                   # header, rule, two epochs
+    assert lines[2].split() == ["1/2", "1.5000", "40.00%", "1.2000", "55.00%", "5.00e-04"]
+    assert lines[3].split()[-1] == "2.00e-04"
+
+
+def test_study_and_grad_cam_figures_draw():
+    rows = [{"variant": "a", "train_acc": 0.9, "test_acc": 0.8}, {"variant": "b", "train_acc": 0.7, "test_acc": 0.7}]
+    fig = plots.study(rows)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b"]
+    plots.close(fig)
+    images, _ = square_images(2)
+    fig = plots.grad_cam_pairs(images, np.zeros((2, 32, 32)), np.ones((2, 32, 32)), [0, 1], [1, 0],
+                               [f"c{i}" for i in range(10)])
+    assert len(fig.axes) == 6 and fig.axes[1].get_title() == "for pred: c1"
+    plots.close(fig)

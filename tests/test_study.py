@@ -1,0 +1,44 @@
+"""Seed 001's overfitting study: the variants it compares and a smoke run on real images."""
+import json
+
+import pytest
+
+from helpers import config, study
+from helpers.errors import ConfigError
+
+
+def test_variants_change_one_regulariser_at_a_time_from_the_seed_recipe():
+    recipes = study.study_recipes(smoke=False)
+    seed = config.recipe("resnet9", smoke=False)
+    assert seed.dropout == config.DROPOUT == 0.1
+    assert recipes["no regularisation"].dropout == 0 and recipes["no regularisation"].weight_decay == 0
+    assert recipes["dropout 0.1 (seed 001)"].dropout == 0.1
+    assert [recipes[k].weight_decay for k in ("dropout + weight decay 1e-3", "dropout + weight decay 1e-2")] == [1e-3, 1e-2]
+    tuned = recipes["resnet9-tuned (Page)"]
+    assert (tuned.optimizer, tuned.label_smoothing, tuned.tta_flip) == ("sgd", 0.2, True)
+    for r in recipes.values():
+        assert (r.epochs, r.peak_epoch, r.batch_size) == (study.EPOCHS, study.PEAK_EPOCH, seed.batch_size)
+        assert (r.model, r.augment) == ("resnet9", "seed001")
+
+
+def test_smoke_study_trains_every_variant_on_real_images(small_data):
+    from helpers.engine import RunOptions
+
+    result = study.run_study(small_data, RunOptions("cpu"), smoke=True, log=lambda *a: None)
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == list(study.VARIANTS)
+    assert result["settings"]["train_images"] == 10 * study.SMOKE_TRAIN_PER_CLASS
+    assert result["settings"]["test_images"] == 10 * study.SMOKE_TEST_PER_CLASS
+    for r in rows:
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["seconds"] > 0
+        assert r["gap"] == pytest.approx(r["train_acc"] - r["test_acc"])
+    table = study.format_rows(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("no regularisation")
+
+
+def test_load_study_reads_a_record_and_explains_a_missing_one(tmp_path):
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"rows": [], "settings": {}}))
+    assert study.load_study(path) == {"rows": [], "settings": {}}
+    with pytest.raises(ConfigError, match="python -m helpers.study"):
+        study.load_study(tmp_path / "missing.json")
