@@ -109,11 +109,10 @@ def readme_text(path: Path) -> str:
     other = [g for g in runs if g not in gpu]
     table = ["| config | device | seeds | test accuracy % mean ± std (min–max) | wall s per run | train images/s "
              "| peak GPU MiB | epochs | torch | commit | data |", "|" + " --- |" * 11]
-    lines = ["# Results", "", "- `cpu_benchmark.md` / `cpu_benchmark.json`: throughput of the data pipelines, train "
-             "steps and evaluation on a CPU (an earlier `benchmarks/benchmark.py`, before its JSON-lines output).",
-             "- `reference_runs.jsonl`: one JSON line per seed of every reference run (`benchmarks/reference_runs.py`);"
-             " this file's tables are generated from it (`python benchmarks/reference_runs.py --readme-only`).",
-             "", "## GPU reference runs", ""]
+    lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
+             "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
+             "(`python -m helpers.study`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]
     if other:

@@ -106,7 +106,8 @@ def load_model(path, device="cpu", expect_arch: str | None = None):
     if expect_arch is not None and arch != expect_arch:
         raise CheckpointError(f"checkpoint {path} holds a {arch} model, not {expect_arch}: "
                               f"use --model {arch} or a {expect_arch} checkpoint")
-    model = get_model(arch)
+    options = {k: v for k, v in (ckpt.get("config") or {}).items() if k == "logit_scale"}
+    model = get_model(arch, **options)       # the same outputs as in training (dropout: eval no-op)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(weights)

@@ -91,6 +91,7 @@ RECIPE_FLAGS = {
     "momentum": (("--momentum", "--m"), momentum_value, "SGD momentum, or beta1 of Adam/NAdam"),
     "weight_decay": (("--weight-decay", "--weight_decay"), finite_float, "weight decay, >= 0"),
     "dropout": (("--dropout",), finite_float, "resnet9 only: dropout after every Conv-BN-ReLU, in [0, 1)"),
+    "logit_scale": (("--logit-scale",), positive_float, "resnet9 only: multiply the logits (Page: 0.125)"),
     "early_stopping_patience": (("--patience",), non_negative_int, "early stopping patience in epochs; 0: off"),
     "seed": (("--seed",), int, "seed of the weights, shuffling and augmentation"),
 }

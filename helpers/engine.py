@@ -375,7 +375,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
         check_resume(resume, recipe)
     device = get_device(opt.device)
     seed_everything(recipe.seed)
-    model = get_model(recipe.model, dropout=recipe.dropout)
+    model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
     train_loader, val_loader, test_loader = build_loaders(recipe, data, opt.workers, _is_distributed())
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay, recipe.nesterov)

@@ -43,14 +43,18 @@ class ResNet9(nn.Module):
     -> MaxPool 4 -> FC 10 (no bias). 6,573,120 parameters.
 
     dropout > 0 puts a Dropout after every Conv-BN-ReLU, as seed 001 did ("dropout in all
-    layers"; its package's default rate is 0.1). Dropout has no parameters, so checkpoints
-    with and without it hold the same weights.
+    layers"; its package's default rate is 0.1). logit_scale multiplies the logits, as Page's
+    ResNet-9 does (0.125): without it, SGD at Page's LR 0.4 blows the loss up in its first
+    steps. Neither has parameters, so checkpoints hold the same weights either way.
     """
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.0):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}: try 0.1")
+        if not logit_scale > 0:
+            raise ConfigError(f"logit_scale must be > 0, got {logit_scale!r}: try 0.125")
+        self.logit_scale = logit_scale
         self.prep = conv_bn(3, 64, dropout=dropout)
         self.layer1 = nn.Sequential(conv_bn(64, 128, pool=True, dropout=dropout), Residual(128, dropout))
         self.layer2 = conv_bn(128, 256, pool=True, dropout=dropout)
@@ -60,7 +64,8 @@ class ResNet9(nn.Module):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        logits = self.fc(torch.flatten(self.pool(x), 1))
+        return logits * self.logit_scale if self.logit_scale != 1.0 else logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,15 +132,15 @@ class CompactCNN(nn.Module):
 MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN}
 
 
-def get_model(name: str, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
-    """A fresh model by name: 'resnet9', 'vgg' or 'compact'. `dropout` is ResNet-9's option
-    (seed 001); vgg and compact have the fixed dropout of their seeds."""
+def get_model(name: str, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0) -> nn.Module:
+    """A fresh model by name: 'resnet9', 'vgg' or 'compact'. `dropout` (seed 001) and
+    `logit_scale` (Page) are ResNet-9's options; vgg and compact are exactly their seeds'."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if name == "resnet9":
-        return ResNet9(num_classes, dropout=dropout)
-    if dropout:
-        raise ConfigError(f"dropout is an option of resnet9 only; {name} has its seed's fixed dropout")
+        return ResNet9(num_classes, dropout=dropout, logit_scale=logit_scale)
+    if dropout or logit_scale != 1.0:
+        raise ConfigError(f"dropout and logit_scale are options of resnet9 only; {name} is exactly its seed's")
     return MODELS[name](num_classes)
 
 

@@ -55,7 +55,8 @@ def study_data(data: CIFAR10Data, smoke: bool | None = None) -> CIFAR10Data:
     return data.subset(TRAIN_PER_CLASS, TEST_PER_CLASS)
 
 
-def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=print) -> dict:
+def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=print,
+              only: list[str] | None = None) -> dict:
     """Train every variant on the study's subset; return {"settings", "rows"}.
 
     Each row: the variant, its regularisers, the final train accuracy on the augmented
@@ -68,6 +69,8 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
     sub = study_data(data, smoke)
     rows = []
     for name, r in study_recipes(smoke).items():
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         log(f"{name}: {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
         run = train(r, sub, options, log=lambda *a, **k: None)
@@ -124,13 +127,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/overfitting_study.json", help="where to write the record")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
     p.add_argument("--smoke", action="store_true", help="a tiny version, as SMOKE_TEST=1 runs it")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                   help="re-run these variants and replace their rows in --out")
     args = p.parse_args(argv)
     options = auto_options(args.device)
     print(options.describe())
     t0 = time.time()
-    result = run_study(load_cifar10(), options, smoke=args.smoke or None)
+    result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only)
     result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
                   command=f"python -m helpers.study --out {args.out}")
+    if args.only:                      # keep the other variants' rows (and their provenance)
+        old = load_study(args.out)
+        new = {r["variant"]: {**r, "rerun": {k: result[k] for k in ("git", "date", "versions")}} for r in result["rows"]}
+        result = {**old, "rows": [new.get(r["variant"], r) for r in old["rows"]],
+                  "reruns": old.get("reruns", []) + [{"variants": args.only, **run_info(options.device)}]}
     save_json(args.out, result)
     report = Path(args.out).with_suffix(".md")
     with atomic_write(report, "w") as f:
@@ -156,7 +166,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['variant']} | {r['optimizer']} | {r['dropout']:g} | {r['weight_decay']:g} | "
                      f"{r['label_smoothing']:g} | {'yes' if r['tta_flip'] else 'no'} | {r['train_acc']:.2%} | "
                      f"{r['train_acc_augmented']:.2%} | {r['test_acc']:.2%} | {r['gap']:+.2%} | {r['seconds']:.0f} s |")
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":

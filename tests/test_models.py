@@ -74,3 +74,24 @@ def test_dropout_is_checked_and_resnet9_only():
             get_model("resnet9", dropout=bad)
     with pytest.raises(ConfigError, match="resnet9 only"):
         get_model("compact", dropout=0.1)
+
+
+def test_logit_scale_multiplies_the_logits_and_is_rebuilt_from_the_checkpoint(tmp_path):
+    from helpers.checkpoint import load_model, save_checkpoint
+    from helpers.config import recipe
+
+    torch.manual_seed(0)
+    plain, scaled = ResNet9().eval(), ResNet9(logit_scale=0.125).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(scaled(x), plain(x) * 0.125)
+    # the tuned recipe (Page) scales its logits; a checkpoint of it predicts the same probabilities
+    tuned = recipe("resnet9-tuned", smoke=False)
+    assert tuned.logit_scale == 0.125 and recipe("resnet9", smoke=False).logit_scale == 1.0
+    path = save_checkpoint(tmp_path / "tuned.pt", scaled, "resnet9", config=tuned.to_dict())
+    restored, _ = load_model(path)
+    assert torch.allclose(restored(x), scaled(x))
+    with pytest.raises(ConfigError, match="logit_scale must be > 0"):
+        ResNet9(logit_scale=0)
+    with pytest.raises(ConfigError, match="resnet9 only"):
+        get_model("vgg", logit_scale=0.125)

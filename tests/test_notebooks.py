@@ -171,3 +171,23 @@ def test_no_hard_coded_local_paths(notebook):
         text = source(cell)
         for pattern in ("/work/", "/home/", "/Users/", "/tmp/", "C:\\"):
             assert pattern not in text, f"{name}: cell {i} hard-codes a local path ({pattern})"
+
+
+def test_plain_pytest_runs_in_smoke_mode_unless_told_otherwise(tmp_path):
+    """`pytest` with no SMOKE_TEST must not re-execute notebook 04 at full settings (hours on
+    a CPU): the smoke_default plugin that pyproject.toml loads sets SMOKE_TEST=1 for the
+    session and for every notebook kernel it starts; an explicit SMOKE_TEST=0 wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\ndef test_mode():\n    print('SMOKE_TEST=' + os.environ.get('SMOKE_TEST', 'unset'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "SMOKE_TEST"}
+    for setting, expected in ((None, "SMOKE_TEST=1"), ("0", "SMOKE_TEST=0")):
+        run_env = env if setting is None else {**env, "SMOKE_TEST": setting}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+                               str(ROOT), "-s", "-q", str(probe)], cwd=ROOT, env=run_env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert expected in proc.stdout
