@@ -62,15 +62,17 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(path, model: nn.Module, arch: str, **fields) -> Path:
+def save_checkpoint(path, model: nn.Module | dict, arch: str, **fields) -> Path:
     """Write {arch, model state, **fields} to `path` atomically (temporary file, then rename).
+    `model` is a module or already its state_dict.
 
     A crash during the write leaves any previous checkpoint at `path` intact.
     """
     if arch not in MODELS:
         raise CheckpointError(f"unknown architecture {arch!r}: choose one of {', '.join(MODELS)}")
     path = Path(path)
-    state = {"format": FORMAT, "arch": arch, "model": unwrap(model).state_dict(), **fields}
+    weights = model if isinstance(model, dict) else unwrap(model).state_dict()
+    state = {"format": FORMAT, "arch": arch, "model": weights, **fields}
     try:
         with atomic_write(path) as f:
             torch.save(state, f)
@@ -106,8 +108,8 @@ def load_model(path, device="cpu", expect_arch: str | None = None):
     if expect_arch is not None and arch != expect_arch:
         raise CheckpointError(f"checkpoint {path} holds a {arch} model, not {expect_arch}: "
                               f"use --model {arch} or a {expect_arch} checkpoint")
-    options = {k: v for k, v in (ckpt.get("config") or {}).items() if k == "logit_scale"}
-    model = get_model(arch, **options)       # the same outputs as in training (dropout: eval no-op)
+    # the same outputs as in training (dropout is a no-op in eval mode; the logit scale is not)
+    model = get_model(arch, logit_scale=(ckpt.get("config") or {}).get("logit_scale", 1.0))
     weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(weights)
@@ -128,15 +130,8 @@ def export_fp16(path, out, **record) -> Path:
     weights back into float32. ResNet-9 shrinks from 26 MB to 13 MB."""
     ckpt = load_checkpoint(path)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    state = {"format": FORMAT, "arch": ckpt["arch"], "model": weights, "dtype": "float16",
-             **{k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}, **record}
-    out = Path(out)
-    try:
-        with atomic_write(out) as f:
-            torch.save(state, f)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {out} ({e.strerror or e}): choose a writable folder") from None
-    return out
+    return save_checkpoint(out, weights, ckpt["arch"], dtype="float16",
+                           **{k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}, **record)
 
 
 # Recipe fields that may differ between a run and its resumption (they do not change training).
