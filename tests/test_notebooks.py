@@ -182,8 +182,11 @@ def test_plain_pytest_runs_in_smoke_mode_unless_told_otherwise(tmp_path):
     import sys
 
     probe = tmp_path / "test_probe.py"
-    probe.write_text("import os\n\ndef test_mode():\n    print('SMOKE_TEST=' + os.environ.get('SMOKE_TEST', 'unset'))\n")
+    probe.write_text("import os\n\ndef test_mode():\n    print('SMOKE_TEST=' + os.environ.get('SMOKE_TEST', 'unset'))\n"
+                     "    print('CIFAR10_DIR=' + os.environ['CIFAR10_DIR'])\n")
+    (tmp_path / "data").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "SMOKE_TEST"}
+    env["CIFAR10_DIR"] = os.path.relpath(tmp_path / "data", ROOT)         # relative to where pytest starts
     for setting, expected in ((None, "SMOKE_TEST=1"), ("0", "SMOKE_TEST=0")):
         run_env = env if setting is None else {**env, "SMOKE_TEST": setting}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
@@ -191,3 +194,4 @@ def test_plain_pytest_runs_in_smoke_mode_unless_told_otherwise(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert expected in proc.stdout
+        assert f"CIFAR10_DIR={tmp_path / 'data'}" in proc.stdout   # made absolute for the notebooks' kernels
