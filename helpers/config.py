@@ -158,7 +158,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("data")                    # torchvision download target (./data)
 DEFAULT_CHECKPOINT_DIR = Path("models")            # where `train --serialize` writes
 SHIPPED_MODEL = REPO_ROOT / "models" / "resnet9_cifar10.pt"
-ARTIFACTS_DIR = REPO_ROOT / "artifacts"            # notebook outputs shared between notebooks
+# Notebook outputs shared between notebooks. Smoke runs (CI, a plain pytest) keep theirs in
+# artifacts/smoke/, so that they never overwrite or resume a full run's checkpoints.
+ARTIFACTS_DIR = REPO_ROOT / "artifacts" / ("smoke" if smoke_mode() else "")
 
 
 def cache_dir() -> Path:

@@ -195,3 +195,21 @@ def test_plain_pytest_runs_in_smoke_mode_unless_told_otherwise(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert expected in proc.stdout
         assert f"CIFAR10_DIR={tmp_path / 'data'}" in proc.stdout   # made absolute for the notebooks' kernels
+
+
+def test_smoke_runs_keep_their_artifacts_apart_from_a_full_run():
+    """A smoke pytest re-executes 03-05, which write checkpoints: they must not overwrite (or be
+    resumed as) the student's full run in artifacts/, so smoke mode uses artifacts/smoke/."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from helpers import config, lr_finder; print(config.ARTIFACTS_DIR); print(lr_finder.LR_CHOICE_FILE)"
+    found = {}
+    for setting in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "SMOKE_TEST": setting})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        found[setting] = proc.stdout.split()
+    assert found["0"] == [str(ROOT / "artifacts"), str(ROOT / "artifacts" / "lr_choice.json")]
+    assert found["1"] == [str(ROOT / "artifacts" / "smoke"), str(ROOT / "artifacts" / "smoke" / "lr_choice.json")]
