@@ -33,13 +33,32 @@ def to_device(x: torch.Tensor, device, channels_last: bool = False) -> torch.Ten
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """An NCHW batch translated by (dy, dx) pixels (content moves down/right for positive
+    values), the uncovered border filled by reflection, as the augmentation's padding is."""
+    s = max(abs(dy), abs(dx))
+    if s == 0:
+        return x
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    h, w = x.shape[-2:]
+    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+
+
+def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
+    """Test-time augmentation: the batch, shifted by (-shift, -shift) and (+shift, +shift) when
+    shift > 0, and the mirror image of each of these when flip is set (1 to 6 views)."""
+    views = [x] + ([shifted(x, -shift, -shift), shifted(x, shift, shift)] if shift else [])
+    return views + [v.flip(3) for v in views] if flip else views
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader, device="cpu", amp: str | None = None,
                    channels_last: bool = False, tta_flip: bool = False, progress: bool = False,
-                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+                   desc: str = "predict", tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) for every batch of `loader`, on the CPU, in loader order.
 
-    tta_flip=True averages the logits of each image and its mirror image.
+    tta_flip / tta_shift average the logits over the views of `tta_views` (the mirror image,
+    copies shifted by a few pixels).
     """
     device = torch.device(device)
     model.eval()
@@ -47,9 +66,8 @@ def predict_logits(model: nn.Module, loader, device="cpu", amp: str | None = Non
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
-            out = model(x).float()
-            if tta_flip:
-                out = (out + model(x.flip(3)).float()) / 2
+            views = tta_views(x, tta_flip, tta_shift)
+            out = sum(model(v).float() for v in views) / len(views)
         logits.append(out.cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(logits), torch.cat(labels)
@@ -80,10 +98,12 @@ class Predictions:
 
 
 def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu",
-            batch_size: int = 512, tta_flip: bool = False, progress: bool = False) -> Predictions:
+            batch_size: int = 512, tta_flip: bool = False, progress: bool = False,
+            tta_shift: int = 0) -> Predictions:
     """Run `model` over uint8 images (normalised with mean/std) and collect everything per image."""
     loader = make_loader(images, labels, test_transforms(mean, std), batch_size=batch_size)
-    logits, y = predict_logits(model.to(device), loader, device, tta_flip=tta_flip, progress=progress)
+    logits, y = predict_logits(model.to(device), loader, device, tta_flip=tta_flip, progress=progress,
+                               tta_shift=tta_shift)
     losses = F.cross_entropy(logits, y, reduction="none")
     probs = logits.softmax(1)
     return Predictions(logits.numpy(), y.numpy(), probs.numpy(), logits.argmax(1).numpy(), losses.numpy())
@@ -124,7 +144,7 @@ def misclassified_by_loss(pred: Predictions, k: int | None = None) -> np.ndarray
 def cam_layer(model: nn.Module) -> nn.Module:
     """The last convolutional block of a course model: Grad-CAM's usual target layer."""
     from .checkpoint import unwrap
-    from .models import CompactCNN, ResNet9, VGGNet
+    from .models import CompactCNN, FastNet, ResNet9, VGGNet
 
     model = unwrap(model)
     if isinstance(model, ResNet9):
@@ -133,6 +153,8 @@ def cam_layer(model: nn.Module) -> nn.Module:
         return model.conv[-2]          # the last ReLU before the final max-pool: 256 x 8 x 8
     if isinstance(model, CompactCNN):
         return model.features[-3]      # the last ELU before the final max-pool: 128 x 8 x 8
+    if isinstance(model, FastNet):
+        return model.groups[-1]        # the last conv group: 256 x 3 x 3
     raise TypeError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 

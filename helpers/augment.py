@@ -6,11 +6,13 @@ Seed 001 (train):  pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
                       or fall wholly outside the image)
                    -> Normalize(mean, std) -> ToTensorV2
 Seed 004 (train):  HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
+flip-translate:    seed 001's pad-crop (pad 2, every image) and flip, no cutout (the fast recipe)
 Test:              Normalize -> ToTensorV2
 
 Default probabilities follow seed 001: the pad-and-crop, the flip and the cutout each
-happen to half of the images. `BatchAugment` does the seed-001 transforms on whole uint8
-batches already on the training device, drawing the same distributions.
+happen to half of the images. `BatchAugment` does the seed-001 transforms (and so also
+flip-translate) on whole uint8 batches already on the training device, drawing the same
+distributions.
 """
 from __future__ import annotations
 
@@ -114,14 +116,18 @@ def seed004_transforms(mean, std, flip_p: float = FLIP_P, shift: float = SHIFT,
 
 
 AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms,
-                 "none": test_transforms}
+                 "none": test_transforms, "flip-translate": train_transforms}
+# Pipelines made of seed 001's transforms with other settings. These are also what BatchAugment
+# runs on the device. flip-translate (the fast recipe): a flip, and a shift of up to 2 pixels
+# on every image (reflect-padded to 36x36, then a random 32x32 crop); no cutout.
+PRESETS = {"seed001": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0}}
 
 
 def transforms_for(name: str, mean, std, **options) -> A.Compose:
-    """The training pipeline called `name` ('seed001', 'seed004' or 'none')."""
+    """The training pipeline called `name` ('seed001', 'seed004', 'flip-translate' or 'none')."""
     if name not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {name!r}: choose {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name](mean, std, **options)
+    return AUGMENTATIONS[name](mean, std, **{**PRESETS.get(name, {}), **options})
 
 
 def denormalize(x, mean, std) -> np.ndarray:

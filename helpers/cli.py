@@ -126,7 +126,8 @@ def _add_train(sub) -> None:
     a("--dry-run", action="store_true", help="one smoke epoch; saves nothing unless --serialize")
     a("--workers", type=non_negative_int, default=2, help="data-loading processes (results depend on it)")
     a("--resume", metavar="PATH", help="continue the run saved in PATH, a <model>_last.pt (default: start afresh)")
-    a("--fast-augment", action="store_true", help="seed 001's augmentation on whole batches on the device")
+    a("--fast-augment", action="store_true",
+      help="the recipe's augmentation (seed001, flip-translate) on whole batches on the device")
     a("--amp", choices=("bf16", "fp16"), help="mixed precision on CUDA (default: off, float32)")
     a("--channels-last", action="store_true", help="NHWC memory layout, which tensor cores prefer")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -140,7 +141,7 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m helpers", formatter_class=_Formatter,
                      description="Train, test and use the CIFAR-10 course models "
-                                 "(seed 001's ResNet-9, seed 003's VGG, seed 004's compact CNN).",
+                                 "(seed 001's ResNet-9, seed 003's VGG, seed 004's compact CNN, the fast net).",
                      epilog="Run `python -m helpers COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
@@ -318,7 +319,8 @@ def _finish(args, r, rec, result, classes, device) -> None:
 
     folder, history, test, d = Path(args.checkpoints).expanduser(), result["history"], result["test"], rec["data"]
     _say(f"test accuracy: {test['acc']:.4f} (loss {test['loss']:.4f}) on {d['test_images']:,} images"
-         + (" with flip TTA" if r.tta_flip else "") + f"; {rec['wall_seconds']:.1f} s")
+         + _tta_text({"tta_flip": r.tta_flip, "tta_shift": r.tta_shift}).replace(",", " with", 1)
+         + f"; {rec['wall_seconds']:.1f} s")
     if args.serialize:
         checkpoint.save_checkpoint(rec["model_file"], result["model"], r.model, config=rec["config"],
                                    recipe=rec["recipe"], history=history, mean=d["mean"], std=d["std"],
@@ -335,12 +337,21 @@ def _finish(args, r, rec, result, classes, device) -> None:
 
 
 def _load_for_inference(path, device_arg):
-    """(model, checkpoint, device, flip TTA as its recipe tests, the (mean, std) it records or None)."""
+    """(model, checkpoint, device, the test-time augmentation its recipe tests with as predict's
+    keywords, the (mean, std) it records or None)."""
     from . import checkpoint, engine
 
     model, ckpt = checkpoint.load_model(path, device := engine.get_device(device_arg))
     stats = (ckpt["mean"], ckpt["std"]) if ckpt.get("mean") is not None and ckpt.get("std") is not None else None
-    return model, ckpt, device, bool((ckpt.get("config") or {}).get("tta_flip")), stats
+    recorded = ckpt.get("config") or {}
+    tta = {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0)}
+    return model, ckpt, device, tta, stats
+
+
+def _tta_text(tta: dict) -> str:
+    """', flip TTA', ', flip + 1 px shift TTA' or '' for no test-time augmentation."""
+    parts = ["flip"] * tta["tta_flip"] + [f"{tta['tta_shift']} px shift"] * bool(tta["tta_shift"])
+    return f", {' + '.join(parts)} TTA" if parts else ""
 
 
 def cmd_test(args) -> int:
@@ -350,11 +361,11 @@ def cmd_test(args) -> int:
     out = _writable_dir(Path(args.out) if args.out else Path(args.model).expanduser().parent, "--out")
     data = load_data(None, args.test_path, args.download, args.smoke)
     recipe = f", {ckpt['recipe']} recipe" if ckpt.get("recipe") else ""
-    _say(f"model: {args.model} ({ckpt['arch']}{recipe}) on {device}" + (", flip TTA" if tta else "")
+    _say(f"model: {args.model} ({ckpt['arch']}{recipe}) on {device}" + _tta_text(tta)
          + ("; normalised with its mean/std" if stats else "; normalised with the data's (the checkpoint has none)"),
          f"data: {data.source}: {len(data.test_labels):,} test images" + (" [smoke]" if args.smoke else ""))
     pred = analysis.predict(model, data.test_images, data.test_labels, *(stats or (data.mean, data.std)), device,
-                            batch_size=args.batch, tta_flip=tta, progress=True)
+                            batch_size=args.batch, progress=True, **tta)
     cm = analysis.confusion_matrix(pred.labels, pred.preds, len(data.classes))
     _say(f"test accuracy: {pred.accuracy:.4f} ({int(pred.correct.sum()):,}/{len(pred.labels):,} correct)",
          "", "per-class accuracy:", analysis.class_report(cm, data.classes))
@@ -388,7 +399,7 @@ def cmd_predict(args) -> int:
         _say(f"note: {model_path} records no mean/std: using CIFAR-10's standard ones", file=sys.stderr)
     classes, unknown = tuple(ckpt.get("classes") or data.CLASSES), np.zeros(len(images), dtype=np.int64)  # no labels
     probs = analysis.predict(model, images, unknown, *(stats or (data.CIFAR10_MEAN, data.CIFAR10_STD)), device,
-                             tta_flip=tta).probs
+                             **tta).probs
     _say(f"model: {model_path} ({ckpt['arch']})")
     width = max(len(c) for c in classes)
     for name, pr in zip(args.images, probs):

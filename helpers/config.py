@@ -60,10 +60,11 @@ class Recipe:
     dropout: float = 0.0             # ResNet-9 only: Dropout after every Conv-BN-ReLU (seed 001)
     logit_scale: float = 1.0         # ResNet-9 only: multiplies the logits (Page: 0.125)
     label_smoothing: float = 0.0
-    augment: str = "seed001"         # "seed001", "seed004" or "none"
+    augment: str = "seed001"         # "seed001", "seed004", "flip-translate" or "none"
     early_stopping_patience: int | None = None   # epochs without improvement, None = off
     val_split: float = 0.0           # fraction of train held out for early stopping
     tta_flip: bool = False           # average predictions over the image and its mirror
+    tta_shift: int = 0               # ... and over copies shifted by this many pixels (0: none)
     seed: int = 0
     notes: str = ""
 
@@ -77,8 +78,9 @@ class Recipe:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose adam, sgd or nadam")
         if self.schedule not in {"onecycle", "constant"}:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose onecycle or constant")
-        if self.augment not in {"seed001", "seed004", "none"}:
-            raise ConfigError(f"unknown augmentation {self.augment!r}: choose seed001, seed004 or none")
+        if self.augment not in {"seed001", "seed004", "flip-translate", "none"}:
+            raise ConfigError(f"unknown augmentation {self.augment!r}: choose seed001, seed004, "
+                              "flip-translate or none")
         for name in ("epochs", "batch_size", "test_batch_size"):
             require_whole(name, getattr(self, name))
         require_positive("learning rate", self.lr, " (try the LR finder's suggestion, e.g. 2.5e-3)")
@@ -91,6 +93,8 @@ class Recipe:
         if not self.logit_scale > 0 or (self.logit_scale != 1.0 and self.model != "resnet9"):
             raise ConfigError(f"logit_scale must be > 0 and is an option of resnet9 only, got "
                               f"{self.logit_scale!r} for {self.model}")
+        if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
+            raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay!r}: try 1e-3")
         if not 0.0 <= self.val_split < 1.0:
@@ -135,6 +139,14 @@ RECIPES: dict[str, Recipe] = {
         batch_size=64, test_batch_size=1024, augment="seed004", early_stopping_patience=35,
         val_split=0.1,
         notes="seed 004: compact CNN, NAdam 0.0025, batch 64, early stopping (patience 35 of 200)"),
+    # beyond the seeds: the fast net (helpers.models.FastNet) with ideas from Keller Jordan's
+    # airbench94: big batches, SGD with Nesterov momentum, label smoothing, flip + 2-pixel
+    # translate, and test-time augmentation over the mirror image and 1-pixel shifts
+    "fast": Recipe(
+        model="fast", optimizer="sgd", lr=0.6, lr_min=0.6 / 50, nesterov=True, momentum=0.9,
+        weight_decay=5e-4, epochs=10, peak_epoch=2, batch_size=1024, test_batch_size=1024,
+        label_smoothing=0.2, augment="flip-translate", tta_flip=True, tta_shift=1,
+        notes="fast net: SGD Nesterov, weight decay, label smoothing 0.2, flip + translate, flip/shift TTA"),
 }
 
 

@@ -446,15 +446,15 @@ class DeviceLoader:
         from .augment import BatchAugment
 
         require_positive("batch size", batch_size)
-        if augment not in ("seed001", "none"):
-            raise ConfigError(f"the GPU fast path implements the seed001 augmentation (or none), "
-                              f"not {augment!r}: drop --fast-augment for this recipe")
+        if augment not in ("seed001", "flip-translate", "none"):
+            raise ConfigError(f"the on-device fast path implements the seed001 and flip-translate augmentations "
+                              f"(or none), not {augment!r}: drop --fast-augment for this recipe")
         self.device = torch.device(device)
         self.images = torch.as_tensor(images).to(self.device)              # uint8, moved once
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment = BatchAugment(mean, std, **(options or {})) if augment == "seed001" else None
+        self.augment = BatchAugment(mean, std, **(options or {})) if augment != "none" else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.generator = torch.Generator(device=self.device)
         self.set_epoch(0)

@@ -31,7 +31,7 @@ from .checkpoint import check_resume, load_checkpoint, rng_state, save_checkpoin
 from .config import Recipe
 from .data import CIFAR10Data, DeviceLoader, make_loader
 from .errors import CheckpointError, ConfigError, DivergenceError, require_positive, require_whole
-from .models import get_model
+from .models import FastNet, get_model, init_whitening
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,11 +95,11 @@ def _check_finite(loss: torch.Tensor, step: int, lr: float, lrs: list) -> None:
 
 def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
              channels_last: bool = False, tta_flip: bool = False, progress: bool = True,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", tta_shift: int = 0) -> dict:
     """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     logits, labels = predict_logits(model, loader, device, amp, channels_last, tta_flip,
-                                    progress and _is_main(), desc)
+                                    progress and _is_main(), desc, tta_shift)
     return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
@@ -125,6 +125,7 @@ class FitOptions:
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
     tta_flip: bool = False           # evaluate each image and its mirror image
+    tta_shift: int = 0               # ... and copies shifted by this many pixels (analysis.tta_views)
     eval_name: str = "test"          # what test_loader holds, for the log ("val": a validation split)
 
 
@@ -161,7 +162,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
         stop = False
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
             te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
-                          opt.progress)
+                          opt.progress, tta_shift=ext.tta_shift)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             state.record(tr, te, time.perf_counter() - t0)
@@ -348,8 +349,8 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
         train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
     # the same augmentation settings build the albumentations pipeline and, with
     # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
-    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
-    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std, **spec["options"]),
+    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": aug.PRESETS.get(recipe.augment, {})}
+    train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std),
                         batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
                         distributed=distributed, recipe=spec)
     test_tf = aug.test_transforms(mean, std)
@@ -358,6 +359,13 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
     val = test if recipe.val_split == 0 else make_loader(
         val_x, val_y, test_tf, batch_size=recipe.test_batch_size, workers=workers)
     return train, val, test
+
+
+def whitening_images(data: CIFAR10Data, count: int = 5000) -> torch.Tensor:
+    """About `count` training images spread evenly over the set, normalised, NCHW: what the
+    fast net's whitening filters are computed from (the same images for every seed)."""
+    images = data.train_images[::max(1, len(data.train_images) // count)]
+    return aug.normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), data.mean, data.std)
 
 
 def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
@@ -376,6 +384,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
     device = get_device(opt.device)
     seed_everything(recipe.seed)
     model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
+    if isinstance(model, FastNet):               # its first layer is computed, not learned
+        init_whitening(model, whitening_images(data))
     train_loader, val_loader, test_loader = build_loaders(recipe, data, opt.workers, _is_distributed())
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay, recipe.nesterov)
@@ -385,12 +395,13 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
                               recipe.peak_epoch)
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(), tta_flip=recipe.tta_flip,
+                        tta_shift=recipe.tta_shift,
                         eval_name="val" if recipe.val_split > 0 else "test")
     history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), opt, extras, log)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
     test = evaluate(model, test_loader, device=device, amp=opt.amp, channels_last=opt.channels_last,
-                    tta_flip=recipe.tta_flip, progress=False) if _is_main() else None
+                    tta_flip=recipe.tta_flip, progress=False, tta_shift=recipe.tta_shift) if _is_main() else None
     return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}
 
 

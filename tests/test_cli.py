@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, REPO, needs_data, smoke_env
-MODELS = ("compact", "resnet9", "vgg")
+MODELS = ("compact", "resnet9", "vgg", "fast")
 
 
 

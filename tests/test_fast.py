@@ -1,0 +1,181 @@
+"""The fast net and recipe (issue 13): parameter count, the whitening filters computed from
+real patches, the flip-translate augmentation against its definition, test-time
+augmentation, and a smoke run through train / checkpoint / load_model."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import analysis, augment as aug, config, engine
+from helpers.checkpoint import load_model, save_checkpoint
+from helpers.models import FastNet, count_parameters, get_model, init_whitening
+
+
+# ----------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------
+def fast_count_by_hand() -> int:
+    """Trainable parameters, layer by layer: whitening biases (its 24 filters are frozen),
+    three conv groups (two bias-free 3x3 convs, two BatchNorms of weight + bias each) and a
+    bias-free 256 -> 10 linear layer."""
+    whiten_bias = 24
+    groups = sum(9 * a * b + 9 * b * b + 2 * (2 * b) for a, b in ((24, 64), (64, 256), (256, 256)))
+    return whiten_bias + groups + 256 * 10
+
+
+def test_parameter_count_and_frozen_whitening():
+    model = get_model("fast")
+    assert count_parameters(model) == fast_count_by_hand() == 1_972_504
+    assert not model.whiten.weight.requires_grad and model.whiten.weight.shape == (24, 3, 2, 2)
+    assert model.fc.bias is None
+
+
+def test_the_fast_net_costs_a_third_of_resnet9_per_image():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for name in ("fast", "resnet9"):
+        with FlopCounterMode(display=False) as counter:
+            get_model(name).eval()(torch.zeros(1, 3, 32, 32))
+        flops[name] = counter.get_total_flops()
+    assert 0.23e9 < flops["fast"] < 0.245e9          # issue 13: about 0.24 GFLOP forward
+    assert 0.75e9 < flops["resnet9"] < 0.77e9        # issue 13: 0.76 GFLOP forward
+    assert 3.0 < flops["resnet9"] / flops["fast"] < 3.4
+
+
+def whitened(model: FastNet, x: torch.Tensor) -> torch.Tensor:
+    """The whitening layer's outputs as (patches, 24) rows."""
+    with torch.no_grad():
+        return model.whiten(x).permute(0, 2, 3, 1).reshape(-1, 24).double()
+
+
+def test_whitening_decorrelates_real_patches(small_data):
+    fit = engine.whitening_images(small_data)                       # 1,000 real training images
+    assert fit.shape == (1000, 3, 32, 32)
+    model = get_model("fast")
+    lam = init_whitening(model, fit)
+    assert lam.shape == (12,) and (lam > 0).all()
+    assert lam.max() / lam.min() > 100                              # real patches are far from white
+    out = whitened(model, fit)
+    # on the patches it was computed from: zero mean and covariance diag(lam / (lam + eps)), exactly
+    first = out[:, :12]
+    assert first.mean(0).abs().max() < 1e-4
+    expected = torch.diag((lam / (lam + 5e-4)).double())
+    assert torch.allclose(torch.cov(first.T), expected, atol=2e-3)
+    assert torch.allclose(out[:, 12:], -first, atol=1e-5)           # the other 12 are the negatives
+    # on other real images (the test split) it still nearly whitens
+    held_out = aug.normalize_batch(torch.as_tensor(small_data.test_images).permute(0, 3, 1, 2),
+                                   small_data.mean, small_data.std)
+    cov = torch.cov(whitened(model, held_out)[:, :12].T)
+    assert ((cov.diagonal() / expected.diagonal()) - 1).abs().max() < 0.2
+    assert (expected.diagonal() > 0.9).sum() >= 6        # eps damps only the faintest directions
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.05
+    # whereas the raw 12-d patches are strongly correlated (neighbouring pixels, colour channels)
+    raw = torch.nn.functional.unfold(held_out, 2).transpose(1, 2).reshape(-1, 12).double()
+    corr = torch.corrcoef(raw.T)
+    assert (corr - torch.eye(12, dtype=corr.dtype)).abs().max() > 0.8
+
+
+# ----------------------------------------------------------------------------------------
+# flip-translate: a flip and a shift of up to 2 pixels (reflect padding), by definition
+# ----------------------------------------------------------------------------------------
+def translate_flip_by_definition(img: np.ndarray, dy: int, dx: int, flip: bool) -> np.ndarray:
+    """The image content moved by (dy, dx) in -2..2 (reflect padding, as cv2.BORDER_REFLECT_101),
+    then mirrored left-right when flip is set."""
+    padded = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    out = padded[2 - dy:34 - dy, 2 - dx:34 - dx]
+    return out[:, ::-1] if flip else out
+
+
+def test_flip_translate_batches_equal_their_definition_for_every_offset(small_data):
+    mean, std = small_data.mean, small_data.std
+    ba = aug.BatchAugment(mean, std, **aug.PRESETS["flip-translate"])
+    cases = [(dy, dx, flip) for dy in range(-2, 3) for dx in range(-2, 3) for flip in (False, True)]   # all 50
+    images = small_data.train_images[:len(cases)]
+    params = {"crop_yx": torch.tensor([(2 - dy, 2 - dx) for dy, dx, _ in cases]),   # crop corner = pad - shift
+              "flip": torch.tensor([f for *_, f in cases]),
+              "hole_yx": torch.zeros(len(cases), 2, dtype=torch.int64), "cutout": torch.ones(len(cases), dtype=torch.bool)}
+    out = ba.apply(torch.as_tensor(images), {**params, "cutout": torch.zeros(len(cases), dtype=torch.bool)})
+    for i, (dy, dx, flip) in enumerate(cases):
+        ref = aug.normalize_batch(torch.as_tensor(translate_flip_by_definition(images[i], dy, dx, flip).copy())
+                                  .permute(2, 0, 1)[None].float(), mean, std)[0]
+        assert torch.allclose(out[i], ref, atol=1e-6), f"shift {dy},{dx} flip {flip}"
+    assert len({tuple(out[i].flatten()[:64].tolist()) for i in range(len(cases))}) == len(cases)   # all differ
+    # its draws: every image shifted (uniformly over 5 x 5 offsets), half flipped, never cut out
+    drawn = ba.sample(20_000, "cpu", torch.Generator().manual_seed(0))
+    assert not drawn["cutout"].any()
+    counts = np.bincount((drawn["crop_yx"][:, 0] * 5 + drawn["crop_yx"][:, 1]).numpy(), minlength=25)
+    assert counts.size == 25 and counts.min() > 20_000 / 25 * 0.8
+    assert abs(drawn["flip"].float().mean().item() - 0.5) < 0.02
+
+
+def test_flip_translate_albumentations_pipeline_draws_the_same_shifts(small_data):
+    """The loader path (albumentations) shifts every image by -2..2 and flips about half:
+    recovered here by matching each output against the 50 possible results."""
+    tf = aug.transforms_for("flip-translate", small_data.mean, small_data.std)
+    images = small_data.train_images[:200]
+    out = aug.augment_images(tf, images, small_data.mean, small_data.std, seed=3)
+    seen, flips = set(), 0
+    for img, got in zip(images, out):
+        matches = [(dy, dx, f) for dy in range(-2, 3) for dx in range(-2, 3) for f in (False, True)
+                   if np.array_equal(translate_flip_by_definition(img, dy, dx, f), got)]
+        assert matches, "an output that no shift and flip of its image explains"
+        seen.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(seen) >= 20 and 60 < flips < 140
+
+
+# ----------------------------------------------------------------------------------------
+# Test-time augmentation: the mirror image and 1-pixel shifts
+# ----------------------------------------------------------------------------------------
+def test_tta_views_and_averaged_logits():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    assert len(analysis.tta_views(x)) == 1 and len(analysis.tta_views(x, flip=True)) == 2
+    views = analysis.tta_views(x, flip=True, shift=1)
+    assert len(views) == 6
+    down = analysis.shifted(x, 1, 1)                        # content moves down-right by one pixel
+    assert torch.equal(down[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(down[..., 0, 1:], x[..., 1, :-1])    # the new top row reflects row 1
+    assert torch.equal(analysis.shifted(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
+    model(x)
+    data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1]))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    logits, _ = analysis.predict_logits(model, loader, tta_flip=True, tta_shift=1)
+    with torch.no_grad():
+        expected = sum(model(v) for v in views) / 6
+        plain = model(x)
+    assert torch.allclose(logits, expected, atol=1e-4) and not torch.allclose(logits, plain, atol=1e-3)
+
+
+def test_fast_recipe_settings_and_checks():
+    r = config.recipe("fast", smoke=False)
+    assert (r.model, r.optimizer, r.nesterov, r.batch_size, r.label_smoothing) == ("fast", "sgd", True, 1024, 0.2)
+    assert (r.augment, r.tta_flip, r.tta_shift) == ("flip-translate", True, 1)
+    with pytest.raises(Exception, match="tta_shift must be a whole number of pixels in 0..4"):
+        config.recipe("fast", smoke=False, tta_shift=7)
+
+
+# ----------------------------------------------------------------------------------------
+# A smoke run: train (on-device augmentation), checkpoint, load, predict with TTA
+# ----------------------------------------------------------------------------------------
+def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tmp_path):
+    r = config.recipe("fast", smoke=True, epochs=3)
+    run = engine.train(r, small_data, engine.RunOptions("cpu", fast_augment=True, progress=False))
+    model, history = run["model"], run["history"]
+    assert len(history["train_loss"]) == 3 and all(np.isfinite(history["train_loss"]))
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert run["test"]["acc"] > 0.2                                  # chance is 0.1 (500 real test images)
+    # the whitening filters are the ones init_whitening computes from these images: untouched by training
+    fresh = get_model("fast")
+    init_whitening(fresh, engine.whitening_images(small_data))
+    assert torch.equal(model.whiten.weight, fresh.whiten.weight)
+    assert not torch.equal(model.whiten.bias, fresh.whiten.bias)       # the biases do learn
+    path = save_checkpoint(tmp_path / "fast.pt", model, "fast", config=r.to_dict())
+    loaded, ckpt = load_model(path)
+    assert isinstance(loaded, FastNet) and ckpt["config"]["tta_shift"] == 1
+    pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels, small_data.mean,
+                            small_data.std, tta_flip=True, tta_shift=1)
+    assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers
