@@ -4,6 +4,7 @@
     python benchmarks/reference_runs.py --config resnet9 --seeds 0                 # albumentations + workers
     python benchmarks/reference_runs.py --readme-only                              # redo results/README.md
     python benchmarks/reference_runs.py --dry-run                                  # smoke recipe + subset, CPU
+    python benchmarks/reference_runs.py --record models/compact_history.json       # a finished CLI run
 
 Each seed (one helpers.engine.train run) prints one JSON line, appended to --out, and the README table is
 regenerated from that file: accuracy, wall time, images/s, peak GPU memory, settings, provenance.
@@ -76,6 +77,34 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
             "recipe": r.to_dict(), "command": " ".join(["python", *sys.argv]), **run_info(device)}
 
 
+def config_label(recipe_name: str, settings: dict) -> str:
+    """The CONFIGS name whose recipe and run options match `settings`, else 'recipe (options)'."""
+    for name, (rec, options, _) in CONFIGS.items():
+        if rec == recipe_name and all((settings.get(k) or None) == (v or None) for k, v in options.items()):
+            return name
+    on = [settings.get("amp") or "fp32"] + [k for k in ("channels_last", "fast_augment") if settings.get(k)]
+    return f"{recipe_name} ({', '.join(on)})"
+
+
+def record_row(path: Path) -> dict:
+    """A results row for a finished run made outside this script, from the record that
+    `python -m helpers train` writes beside its checkpoints (<model>_history.json): its
+    history, test result, recipe, run options, wall time, device, versions and commit."""
+    rec = json.loads(Path(path).read_text())
+    settings = {k: rec.get(k) for k in ("amp", "channels_last", "fast_augment", "compile", "workers", "smoke")}
+    h, r, wall, n_train = rec["history"], rec["config"], rec["wall_seconds"], rec["data"]["train_images"]
+    epochs = len(h["test_acc"])
+    return {"config": config_label(rec["recipe"], settings), "about": r.get("notes", ""), "seed": r["seed"],
+            "device_type": "cuda" if rec["device"].endswith("(cuda)") else "cpu",
+            "settings": {"recipe": rec["recipe"], **settings, "epochs_override": None},
+            "test_acc": rec["test"]["acc"], "test_loss": rec["test"]["loss"], "epochs_run": epochs,
+            "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
+            "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,
+            "images_per_s": epochs * n_train / wall, "data": rec["data"]["source"], "peak_gpu_memory_bytes": None,
+            "recipe": r, "command": " ".join(rec["command"]),
+            **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
+
+
 def groups(path: Path) -> list[list[dict]]:
     """The JSON lines grouped by configuration, device, torch and settings; one run per seed (the latest)."""
     out = {}
@@ -142,10 +171,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help=f"the .jsonl to append to (default: {OUT.relative_to(HERE.parent)}, "
                    "smoke runs: one in the temp folder); the table goes to results/README.md, else to --out's .md")
     p.add_argument("--readme-only", action="store_true", help="only regenerate the markdown from --out")
+    p.add_argument("--record", metavar="JSON", nargs="+", help="add finished `python -m helpers train` runs to --out "
+                   "from the <model>_history.json each wrote, then regenerate the markdown")
     p.add_argument("--progress", action="store_true", help="show progress bars and per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="smoke mode (as SMOKE_TEST=1) on the CPU")
     args = p.parse_args(argv)
-    args.smoke = args.dry_run or smoke_mode()
+    args.smoke = (args.dry_run or smoke_mode()) and not args.record
     args.out = Path(args.out or (Path(tempfile.gettempdir()) / "reference_runs_smoke.jsonl" if args.smoke else OUT))
     args.readme = README if args.out.resolve() == OUT else args.out.with_suffix(".md")
     args.seeds = list(dict.fromkeys(args.seeds or ([0] if args.smoke else [0, 1, 2])))   # each seed once
@@ -161,6 +192,11 @@ def write_readme(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.record:
+        for path in args.record:
+            emit(record_row(path), args.out)
+        write_readme(args)
+        return
     if not args.readme_only:
         device = engine.get_device(None if args.device == "auto" else args.device)
         load_cifar10(args.data_dir, download=False)          # decode (and cache) once, untimed

@@ -505,3 +505,21 @@ def test_verbose_adds_the_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1].startswith("error: checkpoint ")
+
+
+def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
+    """benchmarks/reference_runs.py --record turns train's <model>_history.json into a results
+    row and a markdown table (what results/README.md is made from)."""
+    out = tmp_path / "runs.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_runs.py"), "--record",
+                           str(trained.dir / f"{trained.model}_history.json"), "--out", str(out)],
+                          cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["test_acc"] == pytest.approx(trained.acc, abs=5e-5) and row["epochs_run"] == 1
+    assert row["settings"]["recipe"] == trained.model and row["settings"]["smoke"] is True
+    assert row["train_images"] in (1000, 900) and row["images_per_s"] == pytest.approx(
+        row["train_images"] / row["wall_seconds"])
+    assert row["device"].endswith("cores)") and row["versions"]["torch"] and "commit" in row["git"]
+    table = out.with_suffix(".md").read_text()
+    assert f"| {row['config']}" in table and f"{100 * row['test_acc']:.2f}" in table
