@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import analysis, augment as aug, config, engine
+from helpers import analysis, augment as aug, config, engine, speed
 from helpers.checkpoint import load_model, save_checkpoint
 from helpers.models import FastNet, count_parameters, get_model, init_whitening
 
@@ -30,17 +30,28 @@ def test_parameter_count_and_frozen_whitening():
     assert model.fc.bias is None
 
 
-def test_the_fast_net_costs_a_third_of_resnet9_per_image():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flops = {}
-    for name in ("fast", "resnet9"):
-        with FlopCounterMode(display=False) as counter:
-            get_model(name).eval()(torch.zeros(1, 3, 32, 32))
-        flops[name] = counter.get_total_flops()
+def test_flop_accounting_fast_net_against_resnet9():
+    flops = {name: speed.flops_per_image(get_model(name)) for name in ("fast", "resnet9")}
     assert 0.23e9 < flops["fast"] < 0.245e9          # issue 13: about 0.24 GFLOP forward
     assert 0.75e9 < flops["resnet9"] < 0.77e9        # issue 13: 0.76 GFLOP forward
     assert 3.0 < flops["resnet9"] / flops["fast"] < 3.4
+    train = speed.flops_per_image(get_model("resnet9"), train=True)
+    assert 2.9 < train / flops["resnet9"] < 3.05      # backward = 2x forward: 2.28 GFLOP per training image
+    layers = speed.flops_by_layer(get_model("fast"))
+    assert [name for name, _ in layers][:2] == ["whiten", "groups.0.0"] and layers[-1][0] == "fc"
+    assert abs(sum(f for _, f in layers) - flops["fast"]) < 1e-3 * flops["fast"]
+    # the costliest layers are the 256-wide convolutions of groups 2 and 3
+    assert max(layers, key=lambda r: r[1])[0] in ("groups.1.0", "groups.1.4", "groups.2.0")
+
+
+def test_matmul_and_train_rates_are_measured_live():
+    rate = speed.matmul_rate(n=256, dtype=torch.float32, min_run_time=0.2)
+    assert 1e8 < rate < 1e14                          # any CPU: between 0.1 GFLOP/s and 100 TFLOP/s
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    model = get_model("fast")
+    before = model.fc.weight.clone()
+    r = speed.train_rate(model, config.recipe("fast", smoke=True), engine.RunOptions("cpu"), x, y, min_run_time=0.2)
+    assert r > 1 and not torch.equal(before, model.fc.weight)     # real steps ran
 
 
 def whitened(model: FastNet, x: torch.Tensor) -> torch.Tensor:

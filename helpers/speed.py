@@ -1,0 +1,87 @@
+"""Where training time goes: the arithmetic a model costs per image, the rate at which this
+machine's matrix units do arithmetic, and the rate a real train step reaches.
+
+    flops_per_image(get_model("resnet9"))               # 0.76e9 forward, 2.28e9 per training image
+    flops_by_layer(model)                               # [(layer, forward FLOPs), ...]
+    matmul_rate(dtype=torch.bfloat16)                   # FLOP/s of a 2048 x 2048 matmul, timed live
+    train_rate(model, recipe, options, images)          # training images per second, timed live
+
+FLOPs are counted by torch.utils.flop_counter (a multiply-add counts 2), for the matrix
+products and convolutions, which is where nearly all of the time goes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from .analysis import to_device
+from .engine import RunOptions, make_optimizer, train_one_epoch
+
+
+def flops_per_image(model: nn.Module, train: bool = False) -> float:
+    """FLOPs for one 32x32 image: the forward pass, or with train=True forward + backward
+    (about 3x the forward: the backward computes gradients for inputs and for weights)."""
+    was_training = model.training
+    x = torch.zeros(2, 3, 32, 32, device=next(model.parameters()).device)   # 2: BatchNorm needs > 1 in train
+    model.train(train)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if train:
+            out.float().sum().backward()
+    model.train(was_training)
+    if train:
+        model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def flops_by_layer(model: nn.Module) -> list[tuple[str, float]]:
+    """(layer name, forward FLOPs per image) for every layer that does arithmetic, in order."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    model.train(was_training)
+    leaves = {name for name, m in model.named_modules() if not list(m.children())}
+    rows = []
+    for name, ops in counter.get_flop_counts().items():
+        key = name.split(".", 1)[1] if "." in name else ""
+        if key in leaves:
+            rows.append((key, float(sum(ops.values()))))
+    return [r for r in rows if r[1] > 0]
+
+
+def matmul_rate(n: int = 2048, dtype=torch.bfloat16, device="cpu", min_run_time: float = 2.0) -> float:
+    """FLOP/s of an n x n by n x n matrix product on `device`: the ceiling that a network made
+    of matrix products and convolutions can approach on this machine."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timer = benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+    timer.timeit(2)                                                        # warm up
+    return 2 * n ** 3 / timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tensor, labels: torch.Tensor,
+               min_run_time: float = 5.0) -> float:
+    """Training images per second: one real train step (forward, loss, backward, optimizer)
+    on the given normalised batch, with the recipe's optimizer and the options' precision and
+    layout, timed by torch.utils.benchmark. The model's weights change: pass a throwaway copy."""
+    device = torch.device(options.device or "cpu")
+    model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    x, y = to_device(images, device, options.channels_last), labels.to(device)
+    opt = make_optimizer(recipe.optimizer, [p for p in model.parameters() if p.requires_grad], recipe.lr,
+                         recipe.momentum, recipe.weight_decay, recipe.nesterov)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    quiet = RunOptions(str(device), options.amp, options.channels_last, progress=False)
+
+    def step():
+        train_one_epoch(model, [(x, y)], opt, loss_fn=loss_fn, options=quiet)
+
+    step()                                                                 # warm up (oneDNN picks kernels)
+    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return len(x) / timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+__all__ = ["flops_per_image", "flops_by_layer", "matmul_rate", "train_rate"]
