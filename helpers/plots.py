@@ -299,5 +299,15 @@ def study(rows, title: str = "Seed 001's overfitting study"):
     return fig
 
 
+def whitening_filters(weights, eigenvalues, title: str = "Whitening filters (2x2 RGB), largest eigenvalue first"):
+    """The fast net's whitening filters, each (3, 2, 2) shown as a 2x2 colour patch (scaled
+    to 0..1 on its own, grey = 0), titled with its eigenvalue."""
+    w = np.asarray(weights, dtype=np.float64)
+    scale = np.abs(w).reshape(len(w), -1).max(1)[:, None, None, None]
+    patches = (0.5 + 0.5 * w / np.where(scale > 0, scale, 1)).transpose(0, 2, 3, 1)   # N, 2, 2, 3
+    fig = image_grid(patches, [f"{float(v):.2g}" for v in eigenvalues], ncols=len(w), title=title, size=0.9)
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

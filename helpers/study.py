@@ -1,12 +1,14 @@
-"""Seed 001's overfitting study, as short runs that finish in minutes on a CPU.
+"""Studies: several variants of a recipe, as short runs on a subset that finish in minutes.
 
-Seed 001 saw its ResNet-9 overfit (98 % train, 93 % test), put dropout in all layers, and
-tried weight decay 1e-3 (no help) and 1e-2 (hurt). `run_study` repeats that comparison,
-plus Page's tuned recipe, on a stratified subset for a few epochs:
+"overfitting" is seed 001's study: its ResNet-9 overfit (98 % train, 93 % test), so it put
+dropout in all layers, and tried weight decay 1e-3 (no help) and 1e-2 (hurt); Page's tuned
+recipe is compared too. "fast" is the fast recipe's ablation: one ingredient left out per row.
 
-    rows = run_study(load_cifar10(), auto_options())["rows"]   # one dict per variant
+    rows = run_study(load_cifar10(), auto_options())["rows"]        # one dict per variant
+    rows = run_study(load_cifar10(), auto_options(), study="fast")["rows"]
 
-    python -m helpers.study --out results/overfitting_study.json   # the committed measurement
+    python -m helpers.study --out results/overfitting_study.json   # the committed measurements
+    python -m helpers.study --study fast --out results/fast_ablation.json
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from . import config
 from .config import Recipe
 from .data import CIFAR10Data
+from .errors import ConfigError
 
 # ----------------------------------------------------------------------------------------
 # Settings: a tenth of the training set for a quarter of the epochs
@@ -38,25 +41,60 @@ VARIANTS = {
 }
 
 
-def study_recipes(smoke: bool | None = None) -> dict[str, Recipe]:
+# The fast recipe's ablation: each row leaves one ingredient out (or changes one setting)
+FAST_VARIANTS = {
+    "fast recipe": ("fast", {}),
+    "no test-time augmentation": ("fast", {"tta_flip": False, "tta_shift": 0}),
+    "no label smoothing": ("fast", {"label_smoothing": 0.0}),
+    "no weight decay": ("fast", {"weight_decay": 0.0}),
+    "no augmentation": ("fast", {"augment": "none"}),
+    "seed 001's augmentation (cutout)": ("fast", {"augment": "seed001"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """What a study compares, on how much data, for how long, and where its record lives."""
+
+    title: str
+    variants: dict                # name -> (recipe name, changes)
+    train_per_class: int
+    test_per_class: int
+    epochs: int
+    peak_epoch: int
+    results: Path
+    batch_size: int | None = None  # None: each recipe's own
+
+
+STUDIES = {
+    "overfitting": Study("Seed 001's overfitting study", VARIANTS, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS,
+                         PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json"),
+    # 20,000 images at batch 512 give 39 steps per epoch; the full recipe runs 49 at batch 1024
+    "fast": Study("The fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
+                  config.REPO_ROOT / "results" / "fast_ablation.json", batch_size=512),
+}
+
+
+def study_recipes(smoke: bool | None = None, study: str = "overfitting") -> dict[str, Recipe]:
     """The recipes the study compares, shortened (and shrunk further in smoke mode)."""
     smoke = config.smoke_mode() if smoke is None else smoke
-    epochs = SMOKE_EPOCHS if smoke else EPOCHS
-    return {name: config.recipe(base, smoke=False, epochs=epochs, peak_epoch=min(PEAK_EPOCH, epochs),
-                                batch_size=config.SMOKE_BATCH_SIZE if smoke else None, **changes)
-            for name, (base, changes) in VARIANTS.items()}
+    s = STUDIES[study]
+    epochs = SMOKE_EPOCHS if smoke else s.epochs
+    return {name: config.recipe(base, smoke=False, epochs=epochs, peak_epoch=min(s.peak_epoch, epochs),
+                                batch_size=config.SMOKE_BATCH_SIZE if smoke else s.batch_size, **changes)
+            for name, (base, changes) in s.variants.items()}
 
 
-def study_data(data: CIFAR10Data, smoke: bool | None = None) -> CIFAR10Data:
+def study_data(data: CIFAR10Data, smoke: bool | None = None, study: str = "overfitting") -> CIFAR10Data:
     """The stratified subset the study trains and tests on."""
     smoke = config.smoke_mode() if smoke is None else smoke
     if smoke:
         return data.subset(SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS)
-    return data.subset(TRAIN_PER_CLASS, TEST_PER_CLASS)
+    return data.subset(STUDIES[study].train_per_class, STUDIES[study].test_per_class)
 
 
 def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=print,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, study: str = "overfitting") -> dict:
     """Train every variant on the study's subset; return {"settings", "rows"}.
 
     Each row: the variant, its regularisers, the final train accuracy on the augmented
@@ -65,10 +103,13 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
     """
     from .engine import RunOptions, build_loaders, evaluate, train
 
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
     options = dataclasses.replace(options or RunOptions(), progress=False)
-    sub = study_data(data, smoke)
+    sub = study_data(data, smoke, study)
+    recipes = study_recipes(smoke, study)
     rows = []
-    for name, r in study_recipes(smoke).items():
+    for name, r in recipes.items():
         if only and name not in only:
             continue
         t0 = time.perf_counter()
@@ -76,34 +117,35 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
         run = train(r, sub, options, log=lambda *a, **k: None)
         clean = build_loaders(r.replace(augment="none"), sub)[0]   # training images, no augmentation
         train_acc = evaluate(run["model"], clean, device=run["device"], tta_flip=r.tta_flip,
-                             progress=False)["acc"]
+                             progress=False, tta_shift=r.tta_shift)["acc"]
         test_acc = run["test"]["acc"]
         rows.append({"variant": name, "optimizer": r.optimizer, "dropout": r.dropout,
                      "weight_decay": r.weight_decay, "label_smoothing": r.label_smoothing,
-                     "tta_flip": r.tta_flip, "train_acc_augmented": run["history"]["train_acc"][-1],
+                     "tta_flip": r.tta_flip, "tta_shift": r.tta_shift, "augment": r.augment,
+                     "train_acc_augmented": run["history"]["train_acc"][-1],
                      "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
                      "seconds": time.perf_counter() - t0})
         log(f"  train {train_acc:.2%}  test {test_acc:.2%}  gap {train_acc - test_acc:+.2%}")
-    settings = {"train_images": len(sub.train_labels), "test_images": len(sub.test_labels),
-                "epochs": next(iter(study_recipes(smoke).values())).epochs, "source": sub.source,
+    settings = {"study": study, "title": STUDIES[study].title, "train_images": len(sub.train_labels),
+                "test_images": len(sub.test_labels), "epochs": next(iter(recipes.values())).epochs,
+                "batch_size": next(iter(recipes.values())).batch_size, "source": sub.source,
                 "smoke": bool(config.smoke_mode() if smoke is None else smoke)}
     return {"settings": settings, "rows": rows}
 
 
-RESULTS = config.REPO_ROOT / "results" / "overfitting_study.json"
+RESULTS = STUDIES["overfitting"].results
 
 
 def load_study(path=RESULTS) -> dict:
-    """The committed measurement (written by `python -m helpers.study`)."""
+    """A committed measurement (written by `python -m helpers.study`): seed 001's overfitting
+    study by default, `STUDIES["fast"].results` for the fast recipe's ablation."""
     import json
-
-    from .errors import ConfigError
 
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the study's results {Path(path).name} ({type(e).__name__}): "
-                          "run `python -m helpers.study` (about 50 min on a CPU) or set RUN_STUDY = True") from None
+                          "run `python -m helpers.study` (see --help) or set RUN_STUDY = True") from None
 
 
 def format_rows(rows) -> str:
@@ -124,18 +166,24 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="results/overfitting_study.json", help="where to write the record")
+    p.add_argument("--study", choices=list(STUDIES), default="overfitting", help="which study to run")
+    p.add_argument("--out", default=None, help="where to write the record; when not given, the study's file in results/")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
     p.add_argument("--smoke", action="store_true", help="a tiny version, as SMOKE_TEST=1 runs it")
-    p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+    p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="re-run these variants and replace their rows in --out")
     args = p.parse_args(argv)
+    study = STUDIES[args.study]
+    args.out = args.out or str(study.results.relative_to(config.REPO_ROOT))
+    for name in args.only or []:
+        if name not in study.variants:
+            p.error(f"unknown variant {name!r} of the {args.study} study: choose from {', '.join(study.variants)}")
     options = auto_options(args.device)
     print(options.describe())
     t0 = time.time()
-    result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only)
+    result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only, study=args.study)
     result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
-                  command=f"python -m helpers.study --out {args.out}")
+                  command=f"python -m helpers.study --study {args.study} --out {args.out}")
     if args.only:                      # keep the other variants' rows (and their provenance)
         old = load_study(args.out)
         new = {r["variant"]: {**r, "rerun": {k: result[k] for k in ("git", "date", "versions")}} for r in result["rows"]}
@@ -154,17 +202,18 @@ def markdown(result: dict) -> str:
     """The record as a page for results/: settings, provenance and the table."""
     s, git = result["settings"], result["git"]
     lines = [
-        "# Seed 001's overfitting study (`python -m helpers.study`)", "",
+        f"# {s.get('title', STUDIES['overfitting'].title)} (`{result.get('command', 'python -m helpers.study')}`)", "",
         f"{s['train_images']:,} training and {s['test_images']:,} test images ({s['source']}), "
         f"{s['epochs']} epochs of each recipe; measured on {result['device']}, torch "
         f"{result['versions']['torch']}, commit {str(git['commit'])[:8]}{'+' if git['dirty'] else ''}, "
         f"{result['date']}, {result['wall_seconds'] / 60:.0f} min in all. Train accuracy: the un-augmented "
         "training images in eval mode; 'augmented': the last epoch's running accuracy.", "",
-        "| variant | optimizer | dropout | weight decay | label smoothing | flip TTA | train | augmented | test | gap | time |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        "| variant | optimizer | augmentation | dropout | weight decay | label smoothing | TTA | train | augmented "
+        "| test | gap | time |", "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['variant']} | {r['optimizer']} | {r['dropout']:g} | {r['weight_decay']:g} | "
-                     f"{r['label_smoothing']:g} | {'yes' if r['tta_flip'] else 'no'} | {r['train_acc']:.2%} | "
+        tta = " + ".join(["flip"] * bool(r["tta_flip"]) + [f"{r.get('tta_shift')} px"] * bool(r.get("tta_shift"))) or "no"
+        lines.append(f"| {r['variant']} | {r['optimizer']} | {r.get('augment', 'seed001')} | {r['dropout']:g} | "
+                     f"{r['weight_decay']:g} | {r['label_smoothing']:g} | {tta} | {r['train_acc']:.2%} | "
                      f"{r['train_acc_augmented']:.2%} | {r['test_acc']:.2%} | {r['gap']:+.2%} | {r['seconds']:.0f} s |")
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"

@@ -42,3 +42,35 @@ def test_load_study_reads_a_record_and_explains_a_missing_one(tmp_path):
     assert study.load_study(path) == {"rows": [], "settings": {}}
     with pytest.raises(ConfigError, match="python -m helpers.study"):
         study.load_study(tmp_path / "missing.json")
+
+
+def test_fast_ablation_leaves_out_one_ingredient_per_row():
+    recipes = study.study_recipes(smoke=False, study="fast")
+    full = config.recipe("fast", smoke=False)
+    base = recipes["fast recipe"]
+    s = study.STUDIES["fast"]
+    assert (base.epochs, base.peak_epoch, base.batch_size) == (s.epochs, s.peak_epoch, s.batch_size)
+    assert base.replace(epochs=full.epochs, peak_epoch=full.peak_epoch, batch_size=full.batch_size) == full
+    changed = {}
+    for name, r in recipes.items():
+        diff = {k for k, v in r.to_dict().items() if v != base.to_dict()[k]}
+        changed[name] = diff
+        assert r.model == "fast" and len(diff) <= 2, (name, diff)
+    assert changed["fast recipe"] == set()
+    assert changed["no test-time augmentation"] == {"tta_flip", "tta_shift"}
+    assert changed["no label smoothing"] == {"label_smoothing"}
+    assert recipes["seed 001's augmentation (cutout)"].augment == "seed001"
+
+
+def test_smoke_fast_ablation_runs_on_real_images(small_data):
+    from helpers.engine import RunOptions
+
+    result = study.run_study(small_data, RunOptions("cpu", fast_augment=True), smoke=True, log=lambda *a: None,
+                             only=["fast recipe", "no test-time augmentation"], study="fast")
+    assert [r["variant"] for r in result["rows"]] == ["fast recipe", "no test-time augmentation"]
+    assert result["settings"]["study"] == "fast" and result["rows"][0]["tta_shift"] == 1
+    assert "| fast recipe | sgd | flip-translate |" in study.markdown(
+        {**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu", "versions": {"torch": "x"},
+         "date": "today", "wall_seconds": 1.0})
+    with pytest.raises(ConfigError, match="unknown study 'slow'"):
+        study.run_study(small_data, study="slow")
