@@ -319,7 +319,7 @@ def test_help_shows_every_flag_with_its_default(command):
     if command == "train":
         # the recipe flags come from helpers.config.Recipe, each with every recipe's default
         assert {"--peak-epoch", "--patience", "--dropout", "--weight-decay", "--weight_decay"} <= set(entries)
-        assert "(default: the recipe's: resnet9 24, resnet9-tuned 24, vgg 15, compact 200)" in entries["--epochs"]
+        assert "(default: the recipe's: resnet9 24, resnet9-tuned 24, vgg 15, compact 200, fast 10)" in entries["--epochs"]
         assert "resnet9 0.1, resnet9-tuned 0," in entries["--dropout"]
         assert "resnet9-tuned 0.0005" in entries["--weight-decay"]
         assert "(default: ./models/)" in entries["--checkpoints"]
