@@ -40,6 +40,8 @@ CONFIGS = {   # name -> (recipe of helpers.config, RunOptions fields, what it is
     "resnet9-tuned": ("resnet9-tuned", FP32, "ResNet-9, SGD Nesterov, weight decay, label smoothing, flip TTA, fp32"),
     "vgg": ("vgg", FP32, "seed 003 VGG-style CNN, SGD 0.001, 15 epochs, no augmentation, fp32"),
     "compact": ("compact", FP32, "seed 004 compact CNN, NAdam, flip/shift/rotate, early stopping on a val split, fp32"),
+    "fast": ("fast", FAST, "the fast net (whitening, SGD Nesterov, label smoothing, flip/shift TTA), bf16, "
+                           "channels_last, on-device augmentation"),
 }
 OUT, README = HERE.parent / "results" / "reference_runs.jsonl", HERE.parent / "results" / "README.md"
 HOW_TO = """To make one, on a machine with a CUDA GPU and a local CIFAR-10 copy:
