@@ -93,12 +93,20 @@ def record_row(path: Path) -> dict:
     `python -m helpers train` writes beside its checkpoints (<model>_history.json): its
     history, test result, recipe, run options, wall time, device, versions and commit."""
     rec = json.loads(Path(path).read_text())
+    if rec.get("resumed_from"):
+        raise SystemExit(f"error: {path} records a resumed run, whose wall time covers only its last part: "
+                         "record runs made in one go")
     settings = {k: rec.get(k) for k in ("amp", "channels_last", "fast_augment", "compile", "workers", "smoke")}
     h, r, wall, n_train = rec["history"], rec["config"], rec["wall_seconds"], rec["data"]["train_images"]
     epochs = len(h["test_acc"])
-    return {"config": config_label(rec["recipe"], settings), "about": r.get("notes", ""), "seed": r["seed"],
-            "device_type": "cuda" if rec["device"].endswith("(cuda)") else "cpu",
-            "settings": {"recipe": rec["recipe"], **settings, "epochs_override": None},
+    standard = recipe(rec["recipe"], smoke=bool(rec.get("smoke"))).to_dict()
+    overrides = {k: v for k, v in r.items() if k not in ("seed", "notes") and v != standard[k]}
+    label = config_label(rec["recipe"], settings)
+    label += "".join(f", {k} {v}" for k, v in overrides.items())
+    return {"config": label, "about": r.get("notes", ""), "seed": r["seed"],
+            "device_type": rec["device"].rsplit("(", 1)[-1].split(",")[0].rstrip(")").lower(),
+            "settings": {"recipe": rec["recipe"], **settings, "overrides": overrides, "world_size": rec.get("world_size", 1),
+                         "epochs_override": r["epochs"] if "epochs" in overrides else None},
             "test_acc": rec["test"]["acc"], "test_loss": rec["test"]["loss"], "epochs_run": epochs,
             "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
             "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,

@@ -41,7 +41,9 @@ def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return x
     padded = F.pad(x, (s, s, s, s), mode="reflect")
     h, w = x.shape[-2:]
-    return padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+    out = padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else out
 
 
 def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
@@ -49,6 +51,11 @@ def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch
     shift > 0, and the mirror image of each of these when flip is set (1 to 6 views)."""
     views = [x] + ([shifted(x, -shift, -shift), shifted(x, shift, shift)] if shift else [])
     return views + [v.flip(3) for v in views] if flip else views
+
+
+def tta_label(flip: bool, shift: int) -> str:
+    """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none'."""
+    return " + ".join(["flip"] * bool(flip) + [f"{shift} px shifts"] * bool(shift)) or "none"
 
 
 @torch.no_grad()
@@ -198,6 +205,6 @@ def class_report(cm: np.ndarray, classes) -> str:
     return format_table(rows, ("class", "images", "correct", "accuracy"))
 
 
-__all__ = ["autocast", "to_device", "predict_logits", "Predictions", "predict", "confusion_matrix",
+__all__ = ["autocast", "to_device", "shifted", "tta_views", "tta_label", "predict_logits", "Predictions", "predict", "confusion_matrix",
            "per_class_accuracy", "top_confused_pairs", "misclassified_by_loss", "cam_layer", "grad_cam",
            "format_table", "class_report"]

@@ -16,6 +16,7 @@ distributions.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -115,19 +116,28 @@ def seed004_transforms(mean, std, flip_p: float = FLIP_P, shift: float = SHIFT,
     ])
 
 
-AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms,
-                 "none": test_transforms, "flip-translate": train_transforms}
-# Pipelines made of seed 001's transforms with other settings. These are also what BatchAugment
-# runs on the device. flip-translate (the fast recipe): a flip, and a shift of up to 2 pixels
-# on every image (reflect-padded to 36x36, then a random 32x32 crop); no cutout.
+# The pipelines made of seed 001's transforms, by name, with their settings: what
+# train_transforms and, on the device, BatchAugment run. flip-translate (the fast recipe): a
+# flip, and a shift of up to 2 pixels on every image (reflect-padded to 36x36, then a random
+# 32x32 crop); no cutout.
 PRESETS = {"seed001": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0}}
+AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms, "none": test_transforms,
+                 "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"])}
 
 
 def transforms_for(name: str, mean, std, **options) -> A.Compose:
     """The training pipeline called `name` ('seed001', 'seed004', 'flip-translate' or 'none')."""
     if name not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {name!r}: choose {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name](mean, std, **{**PRESETS.get(name, {}), **options})
+    return AUGMENTATIONS[name](mean, std, **options)
+
+
+def batch_augment(name: str, mean, std, **options) -> "BatchAugment":
+    """The on-device twin of the pipeline called `name` (one of PRESETS)."""
+    if name not in PRESETS:
+        raise ConfigError(f"the on-device fast path implements {', '.join(PRESETS)} (or none), not {name!r}: "
+                          "drop --fast-augment for this recipe")
+    return BatchAugment(mean, std, **{**PRESETS[name], **options})
 
 
 def denormalize(x, mean, std) -> np.ndarray:

@@ -319,7 +319,7 @@ def _finish(args, r, rec, result, classes, device) -> None:
 
     folder, history, test, d = Path(args.checkpoints).expanduser(), result["history"], result["test"], rec["data"]
     _say(f"test accuracy: {test['acc']:.4f} (loss {test['loss']:.4f}) on {d['test_images']:,} images"
-         + _tta_text({"tta_flip": r.tta_flip, "tta_shift": r.tta_shift}).replace(",", " with", 1)
+         + _tta_text({"tta_flip": r.tta_flip, "tta_shift": r.tta_shift}).replace(", TTA:", " with TTA:", 1)
          + f"; {rec['wall_seconds']:.1f} s")
     if args.serialize:
         checkpoint.save_checkpoint(rec["model_file"], result["model"], r.model, config=rec["config"],
@@ -349,9 +349,10 @@ def _load_for_inference(path, device_arg):
 
 
 def _tta_text(tta: dict) -> str:
-    """', flip TTA', ', flip + 1 px shift TTA' or '' for no test-time augmentation."""
-    parts = ["flip"] * tta["tta_flip"] + [f"{tta['tta_shift']} px shift"] * bool(tta["tta_shift"])
-    return f", {' + '.join(parts)} TTA" if parts else ""
+    """', TTA: flip', ', TTA: flip + 1 px shifts' or '' without test-time augmentation."""
+    from .analysis import tta_label
+
+    return f", TTA: {tta_label(tta['tta_flip'], tta['tta_shift'])}" if tta["tta_flip"] or tta["tta_shift"] else ""
 
 
 def cmd_test(args) -> int:

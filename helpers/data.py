@@ -443,18 +443,15 @@ class DeviceLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean, std,
                  device, augment: str = "seed001", shuffle: bool = True, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, options: dict | None = None):
-        from .augment import BatchAugment
+        from .augment import batch_augment
 
         require_positive("batch size", batch_size)
-        if augment not in ("seed001", "flip-translate", "none"):
-            raise ConfigError(f"the on-device fast path implements the seed001 and flip-translate augmentations "
-                              f"(or none), not {augment!r}: drop --fast-augment for this recipe")
+        self.augment = batch_augment(augment, mean, std, **(options or {})) if augment != "none" else None
         self.device = torch.device(device)
         self.images = torch.as_tensor(images).to(self.device)              # uint8, moved once
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment = BatchAugment(mean, std, **(options or {})) if augment != "none" else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.generator = torch.Generator(device=self.device)
         self.set_epoch(0)

@@ -125,7 +125,6 @@ class FitOptions:
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
     tta_flip: bool = False           # evaluate each image and its mirror image
-    tta_shift: int = 0               # ... and copies shifted by this many pixels (analysis.tta_views)
     eval_name: str = "test"          # what test_loader holds, for the log ("val": a validation split)
 
 
@@ -162,7 +161,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
         stop = False
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
             te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
-                          opt.progress, tta_shift=ext.tta_shift)
+                          opt.progress)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             state.record(tr, te, time.perf_counter() - t0)
@@ -349,7 +348,7 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
         train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
     # the same augmentation settings build the albumentations pipeline and, with
     # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
-    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": aug.PRESETS.get(recipe.augment, {})}
+    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
     train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std),
                         batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
                         distributed=distributed, recipe=spec)
@@ -361,10 +360,14 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
     return train, val, test
 
 
-def whitening_images(data: CIFAR10Data, count: int = 5000) -> torch.Tensor:
-    """About `count` training images spread evenly over the set, normalised, NCHW: what the
-    fast net's whitening filters are computed from (the same images for every seed)."""
-    images = data.train_images[::max(1, len(data.train_images) // count)]
+def whitening_images(data: CIFAR10Data, recipe: Recipe | None = None, count: int = 5000) -> torch.Tensor:
+    """About `count` training images spread evenly over the set (without the recipe's
+    validation split), normalised, NCHW: what the fast net's whitening filters are computed
+    from (the same images for every seed)."""
+    images = data.train_images
+    if recipe is not None and recipe.val_split > 0:
+        images = data.split_validation(recipe.val_split, recipe.seed)[0]
+    images = images[::max(1, len(images) // count)]
     return aug.normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), data.mean, data.std)
 
 
@@ -385,7 +388,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
     seed_everything(recipe.seed)
     model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
     if isinstance(model, FastNet):               # its first layer is computed, not learned
-        init_whitening(model, whitening_images(data))
+        init_whitening(model, whitening_images(data, recipe))
     train_loader, val_loader, test_loader = build_loaders(recipe, data, opt.workers, _is_distributed())
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay, recipe.nesterov)
@@ -395,8 +398,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
                               recipe.peak_epoch)
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(), tta_flip=recipe.tta_flip,
-                        tta_shift=recipe.tta_shift,
                         eval_name="val" if recipe.val_split > 0 else "test")
+    # every epoch is evaluated with flip TTA at most; the shifted views (6 in all) only at the end
     history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), opt, extras, log)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"

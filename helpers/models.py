@@ -144,47 +144,60 @@ def conv_group(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class FastNet(nn.Module):
-    """Whitening 2x2 conv (24 filters, frozen) -> GELU -> conv groups 64, 256, 256 -> MaxPool 3
-    -> linear 256 -> 10 (no bias), logits x 1/9. 31x31 -> 15 -> 7 -> 3 -> 1 pixels.
+    """Whitening 2x2 conv (24 fixed filters, learned biases) -> GELU -> conv groups 64, 256, 256
+    -> MaxPool 3 -> linear 256 -> 10 (no bias), outputs x 1/9. 31x31 -> 15 -> 7 -> 3 -> 1 pixels.
 
     The whitening filters are not learned: `init_whitening` computes them from the covariance
     of 2x2 patches of real training images, so that the first layer hands the next one
     decorrelated inputs of unit variance (12 eigen-directions, each with its negative).
+    Training before that is refused: random fixed filters would silently cost accuracy.
     """
 
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), logit_scale: float = 1 / 9):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), output_scale: float = 1 / 9):
         super().__init__()
         dims = 3 * WHITEN_SIZE ** 2
         self.whiten = nn.Conv2d(3, 2 * dims, WHITEN_SIZE, bias=True)
         self.whiten.weight.requires_grad_(False)          # set from data, never trained
+        self.register_buffer("whitened", torch.tensor(False))   # set by init_whitening, saved with the weights
         self.act = nn.GELU()
         c = [2 * dims, *widths]
         self.groups = nn.Sequential(*(conv_group(a, b) for a, b in zip(c, c[1:])))
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
-        self.logit_scale = logit_scale
+        self.output_scale = output_scale
 
     def forward(self, x):
+        if self.training and not self.whitened:
+            raise ConfigError("the fast net's whitening filters are not set: call "
+                              "helpers.models.init_whitening(model, training_images) first (engine.train does)")
         x = self.groups(self.act(self.whiten(x)))
-        return self.fc(torch.flatten(self.pool(x), 1)) * self.logit_scale
+        return self.fc(torch.flatten(self.pool(x), 1)) * self.output_scale
 
 
 @torch.no_grad()
-def init_whitening(model: FastNet, images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
-    """Set the whitening filters from normalised NCHW training images; returns the eigenvalues.
+def init_whitening(model: FastNet, images: torch.Tensor, eps: float = WHITEN_EPS,
+                   chunk: int = 500) -> torch.Tensor:
+    """Set the whitening filters from normalised NCHW training images; returns the
+    eigenvalues, largest first (the filters' order).
 
     Every 2x2 patch is a 12-vector. With its covariance C = V diag(lam) V^T, the filters
     V^T / sqrt(lam + eps) map patches to uncorrelated unit-variance outputs (their negatives
     fill the other 12 channels, so GELU keeps both signs), and the bias centres them.
     """
-    k = WHITEN_SIZE
-    patches = F.unfold(images.float(), k).transpose(1, 2).reshape(-1, 3 * k * k).double()   # (N*31*31, 12)
-    mean = patches.mean(0)
-    lam, vecs = torch.linalg.eigh(torch.cov(patches.T))
+    k, dims = WHITEN_SIZE, 3 * WHITEN_SIZE ** 2
+    total, outer, n = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dims, dtype=torch.float64), 0
+    for start in range(0, len(images), chunk):        # (N*31*31, 12) patches, a chunk at a time
+        p = F.unfold(images[start:start + chunk].float(), k).transpose(1, 2).reshape(-1, dims).double()
+        total, outer, n = total + p.sum(0), outer + p.T @ p, n + len(p)
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+    lam, vecs = torch.linalg.eigh(cov)                 # ascending ...
+    lam, vecs = lam.flip(0), vecs.flip(1)              # ... made largest first
     w = vecs.T / torch.sqrt(lam.clamp_min(0) + eps)[:, None]                           # (12, 12): rows = filters
     weight = torch.cat([w, -w]).reshape(-1, 3, k, k)                                 # unfold's (c, kh, kw) order
     model.whiten.weight.copy_(weight.float())
     model.whiten.bias.copy_((-weight.reshape(len(weight), -1) @ mean).float())
+    model.whitened.fill_(True)
     return lam.float()
 
 
@@ -203,7 +216,7 @@ def get_model(name: str, num_classes: int = 10, dropout: float = 0.0, logit_scal
     if name == "resnet9":
         return ResNet9(num_classes, dropout=dropout, logit_scale=logit_scale)
     if dropout or logit_scale != 1.0:
-        raise ConfigError(f"dropout and logit_scale are options of resnet9 only; {name} is exactly its seed's")
+        raise ConfigError(f"dropout and logit_scale are options of resnet9 only, not of {name}")
     return MODELS[name](num_classes)
 
 

@@ -4,12 +4,14 @@ machine's matrix units do arithmetic, and the rate a real train step reaches.
     flops_per_image(get_model("resnet9"))               # 0.76e9 forward, 2.28e9 per training image
     flops_by_layer(model)                               # [(layer, forward FLOPs), ...]
     matmul_rate(dtype=torch.bfloat16)                   # FLOP/s of a 2048 x 2048 matmul, timed live
-    train_rate(model, recipe, options, images)          # training images per second, timed live
+    train_rate(model, recipe, options, images, labels)  # training images per second, timed live
 
 FLOPs are counted by torch.utils.flop_counter (a multiply-add counts 2), for the matrix
 products and convolutions, which is where nearly all of the time goes.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -22,17 +24,16 @@ from .engine import RunOptions, make_optimizer, train_one_epoch
 
 def flops_per_image(model: nn.Module, train: bool = False) -> float:
     """FLOPs for one 32x32 image: the forward pass, or with train=True forward + backward
-    (about 3x the forward: the backward computes gradients for inputs and for weights)."""
-    was_training = model.training
+    (about 3x the forward: the backward computes gradients for inputs and for weights).
+    Counted on a copy, so the model's weights, statistics and gradients stay as they were."""
+    model = copy.deepcopy(model).train(train)
+    if hasattr(model, "whitened"):
+        model.whitened.fill_(True)           # the fast net: the count does not depend on its filters
     x = torch.zeros(2, 3, 32, 32, device=next(model.parameters()).device)   # 2: BatchNorm needs > 1 in train
-    model.train(train)
     with FlopCounterMode(display=False) as counter:
         out = model(x)
         if train:
             out.float().sum().backward()
-    model.train(was_training)
-    if train:
-        model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(x)
 
 
@@ -71,8 +72,8 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tens
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     x, y = to_device(images, device, options.channels_last), labels.to(device)
-    opt = make_optimizer(recipe.optimizer, [p for p in model.parameters() if p.requires_grad], recipe.lr,
-                         recipe.momentum, recipe.weight_decay, recipe.nesterov)
+    opt = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum, recipe.weight_decay,
+                         recipe.nesterov)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     quiet = RunOptions(str(device), options.amp, options.channels_last, progress=False)
 
@@ -103,8 +104,8 @@ def seed_run_minutes(epochs: int = 24) -> dict:
                     "source": f"notebook 04's run in artifacts/: {len(seconds)} epochs measured on this machine"}
     runs = config.REPO_ROOT / "results" / "reference_runs.jsonl"
     rows = [json.loads(line) for line in (runs.read_text().splitlines() if runs.is_file() else [])]
-    rows = [r for r in rows if r["settings"]["recipe"] == "resnet9" and not r["settings"]["smoke"]
-            and r["epochs_run"] == epochs]
+    rows = [r for r in rows if r["config"] in ("resnet9", "resnet9-fast") and r["device_type"] == "cpu"
+            and not r["settings"]["smoke"] and r["epochs_run"] == epochs]
     if rows:
         r = rows[-1]
         return {"minutes": r["epoch_seconds_mean"] * epochs / 60,

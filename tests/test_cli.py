@@ -147,6 +147,11 @@ def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
     assert acc == pytest.approx(n_correct / 500, abs=5e-5)
     # the same 500 smoke test images with the checkpoint's mean/std: what training reported
     assert abs(acc - trained.acc) <= 1 / 500 + 1e-4
+    # and with the test-time augmentation its recipe tests with (the fast recipe: 6 views)
+    tta = ", TTA: flip + 1 px shifts" if trained.model == "fast" else ""
+    assert re.search(rf"^model: .*\({trained.model}, {trained.model} recipe\) on cpu{re.escape(tta)};", out, re.M), out
+    if trained.model == "fast":
+        assert "with TTA: flip + 1 px shifts" in trained.proc.stdout
 
     per_class = {c: re.search(rf"^{c} +50 +(\d+) +(\d\.\d{{4}})$", out, re.M) for c in CLASSES}
     assert all(per_class.values()), out

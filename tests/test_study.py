@@ -57,19 +57,19 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
         changed[name] = diff
         assert r.model == "fast" and len(diff) <= 2, (name, diff)
     assert changed["fast recipe"] == set()
-    assert changed["no test-time augmentation"] == {"tta_flip", "tta_shift"}
     assert changed["no label smoothing"] == {"label_smoothing"}
-    assert recipes["seed 001's augmentation (cutout)"].augment == "seed001"
+    assert changed["no augmentation"] == {"augment"}
+    assert recipes["seed 001's augmentation (half pad-crop 4, flip, cutout)"].augment == "seed001"
 
 
 def test_smoke_fast_ablation_runs_on_real_images(small_data):
     from helpers.engine import RunOptions
 
     result = study.run_study(small_data, RunOptions("cpu", fast_augment=True), smoke=True, log=lambda *a: None,
-                             only=["fast recipe", "no test-time augmentation"], study="fast")
-    assert [r["variant"] for r in result["rows"]] == ["fast recipe", "no test-time augmentation"]
+                             only=["fast recipe", "no label smoothing"], study="fast")
+    assert [r["variant"] for r in result["rows"]] == ["fast recipe", "no label smoothing"]
     assert result["settings"]["study"] == "fast" and result["rows"][0]["tta_shift"] == 1
-    assert "| fast recipe | sgd | flip-translate |" in study.markdown(
+    assert "| fast recipe | sgd | flip-translate | 0 | 0.0005 | 0.2 | flip + 1 px shifts |" in study.markdown(
         {**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu", "versions": {"torch": "x"},
          "date": "today", "wall_seconds": 1.0})
     with pytest.raises(ConfigError, match="unknown study 'slow'"):
