@@ -105,7 +105,8 @@ def record_row(path: Path) -> dict:
     label += "".join(f", {k} {v}" for k, v in overrides.items())
     return {"config": label, "about": r.get("notes", ""), "seed": r["seed"],
             "device_type": rec["device"].rsplit("(", 1)[-1].split(",")[0].rstrip(")").lower(),
-            "settings": {"recipe": rec["recipe"], **settings, "overrides": overrides, "world_size": rec.get("world_size", 1),
+            "settings": {"recipe": rec["recipe"], **settings, "overrides": overrides,
+                         "world_size": rec.get("world_size", 1),
                          "epochs_override": r["epochs"] if "epochs" in overrides else None},
             "test_acc": rec["test"]["acc"], "test_loss": rec["test"]["loss"], "epochs_run": epochs,
             "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,

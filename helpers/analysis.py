@@ -205,6 +205,7 @@ def class_report(cm: np.ndarray, classes) -> str:
     return format_table(rows, ("class", "images", "correct", "accuracy"))
 
 
-__all__ = ["autocast", "to_device", "shifted", "tta_views", "tta_label", "predict_logits", "Predictions", "predict", "confusion_matrix",
+__all__ = ["autocast", "to_device", "shifted", "tta_views", "tta_label", "predict_logits", "Predictions", "predict",
+           "confusion_matrix",
            "per_class_accuracy", "top_confused_pairs", "misclassified_by_loss", "cam_layer", "grad_cam",
            "format_table", "class_report"]

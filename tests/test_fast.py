@@ -126,7 +126,8 @@ def test_flip_translate_batches_equal_their_definition_for_every_offset(small_da
     images = small_data.train_images[:len(cases)]
     params = {"crop_yx": torch.tensor([(2 - dy, 2 - dx) for dy, dx, _ in cases]),   # crop corner = pad - shift
               "flip": torch.tensor([f for *_, f in cases]),
-              "hole_yx": torch.zeros(len(cases), 2, dtype=torch.int64), "cutout": torch.zeros(len(cases), dtype=torch.bool)}
+              "hole_yx": torch.zeros(len(cases), 2, dtype=torch.int64),
+              "cutout": torch.zeros(len(cases), dtype=torch.bool)}
     out = ba.apply(torch.as_tensor(images), params)
     for i, (dy, dx, flip) in enumerate(cases):
         ref = aug.normalize_batch(torch.as_tensor(translate_flip_by_definition(images[i], dy, dx, flip).copy())
