@@ -1,7 +1,7 @@
 """Checkpoints: save atomically, load with clear errors, rebuild the model they record.
 
 A checkpoint is a dict saved with torch.save:
-  arch       the model name for helpers.models.get_model ("resnet9", "vgg", "compact")
+  arch       the model name for helpers.models.get_model ("resnet9", "vgg", "compact", "fast")
   model      the state_dict (unwrapped from DDP and torch.compile)
   optimizer, scheduler, scaler, epoch, history, config, rng   (training checkpoints)
   metrics    optional, e.g. the test accuracy of a shipped model

@@ -23,7 +23,7 @@ from .errors import CheckpointError, ConfigError, CourseError, DatasetError
 from .files import save_json
 from .runinfo import run_info
 
-MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact
+MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact, fast
 RECIPE_CHOICES = {"seed": None, "tuned": "resnet9-tuned"}   # --recipe -> key of config.RECIPES
 SHORT_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

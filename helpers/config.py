@@ -114,7 +114,7 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------------------
-# The recipes of the three seed systems, plus a tuned ResNet-9 recipe
+# The recipes of the three seed systems, a tuned ResNet-9 recipe and the fast recipe
 # ----------------------------------------------------------------------------------------
 RECIPES: dict[str, Recipe] = {
     # seed 001: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512, dropout

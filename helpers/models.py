@@ -1,4 +1,4 @@
-"""Models: the three seed networks. Each returns logits (the softmax lives in the loss).
+"""Models: the three seed networks and the fast net. Each returns logits (the softmax lives in the loss).
 
   resnet9  seed 001's custom ResNet (after Page's "How to train your ResNet"), 6,573,120 params
   vgg      seed 003's VGG-style CNN, exactly as its code listing,               34,749,002 params
