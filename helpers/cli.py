@@ -93,7 +93,6 @@ RECIPE_FLAGS = {
     "dropout": (("--dropout",), finite_float, "resnet9 only: dropout after every Conv-BN-ReLU, in [0, 1)"),
     "logit_scale": (("--logit-scale",), positive_float, "resnet9 only: multiply the logits (Page: 0.125)"),
     "early_stopping_patience": (("--patience",), non_negative_int, "early stopping patience in epochs; 0: off"),
-    "ema": (("--ema",), finite_float, "decay per step of the weight average that is evaluated and kept; 0: off"),
     "seed": (("--seed",), int, "seed of the weights, shuffling and augmentation"),
 }
 TRAIN_DOC = """Train a model on CIFAR-10 with its seed recipe (helpers.config.RECIPES); each recipe flag overrides one

@@ -65,8 +65,6 @@ class Recipe:
     val_split: float = 0.0           # fraction of train held out for early stopping
     tta_flip: bool = False           # average predictions over the image and its mirror
     tta_shift: int = 0               # ... and over copies shifted by this many pixels (0: none)
-    ema: float = 0.0                 # decay per step of an average of the weights, which is evaluated
-                                     # and kept at the end (0: off)
     seed: int = 0
     notes: str = ""
 
@@ -97,8 +95,6 @@ class Recipe:
                               f"{self.logit_scale!r} for {self.model}")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
-        if not 0.0 <= self.ema < 1.0 or (self.ema and self.early_stopping_patience):
-            raise ConfigError(f"ema must be in [0, 1) (e.g. 0.99) and cannot go with early stopping, got {self.ema!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay!r}: try 1e-3")
         if not 0.0 <= self.val_split < 1.0:

@@ -39,13 +39,12 @@ from .models import FastNet, get_model, init_whitening
 # ----------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn=None,
                     options: RunOptions | None = None, scaler=None, first_step: int = 0,
-                    desc: str = "train", ema=None) -> dict:
+                    desc: str = "train") -> dict:
     """One pass over `loader` on the model's device, stepping the scheduler once per batch.
 
     Returns {"loss", "acc", "lr": [the LR of every step]}. `options` gives the precision,
     memory layout and progress bar; `scaler` is fp16's grad scaler (fit makes one);
-    `first_step` numbers the steps for the divergence guard; `ema` (an AveragedModel, fit
-    makes one) is updated after every step.
+    `first_step` numbers the steps for the divergence guard.
     """
     opt = options or RunOptions()
     device = next(model.parameters()).device                           # the batches go where the model is
@@ -70,8 +69,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))     # the running average of the weights
         if scheduler is not None:
             scheduler.step()
         lrs.append(lr)
@@ -128,7 +125,6 @@ class FitOptions:
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
     tta_flip: bool = False           # evaluate each image and its mirror image
-    ema: float = 0.0                 # average the weights (decay per step), evaluate and keep the average
     eval_name: str = "test"          # what test_loader holds, for the log ("val": a validation split)
 
 
@@ -153,8 +149,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
     state = TrainingState(model, optimizer, scheduler,
                           torch.amp.GradScaler(device.type) if opt.amp == "fp16" else None,
                           EarlyStopping.make(ext.early_stopping), ext.arch or _arch_name(model),
-                          ext.config or {}, ema=_averaged(model, ext.ema))
-    evaluated = net if state.ema is None else state.ema.module
+                          ext.config or {})
     start = 0 if ext.resume is None else state.resume(ext.resume, epochs, log)
     steps = len(train_loader)
     for epoch in range(start, epochs):
@@ -162,10 +157,10 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)        # the epoch's shuffle and augmentation: f(seed, epoch)
         tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn, opt, state.scaler,
-                             epoch * steps, f"epoch {epoch + 1}/{epochs}", state.ema)
+                             epoch * steps, f"epoch {epoch + 1}/{epochs}")
         stop = False
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
-            te = evaluate(evaluated, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
+            te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
                           opt.progress)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -182,18 +177,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
             break
     if state.stopper is not None:
         state.restore_best()
-    if state.ema is not None:                    # the run's result is the averaged weights
-        unwrap(model).load_state_dict(state.ema.module.state_dict())
     return state.history
-
-
-def _averaged(model: nn.Module, decay: float):
-    """An exponential moving average of the model's weights and BatchNorm statistics, or None."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,7 +238,6 @@ class TrainingState:
     arch: str                                        # the model's name in helpers.models
     config: dict                                     # the recipe
     history: dict = field(default_factory=new_history)
-    ema: nn.Module | None = None                     # the averaged weights (FitOptions.ema)
 
     def record(self, tr: dict, te: dict, seconds: float) -> None:
         """Append one epoch's train and test results to the history."""
@@ -271,7 +254,7 @@ class TrainingState:
                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
                         epoch=epoch, history=self.history, config=self.config,
                         early_stopping=self.stopper.state_dict() if self.stopper is not None else None,
-                        rng=rng_state(), **({"ema": self.ema.state_dict()} if self.ema is not None else {}))
+                        rng=rng_state())
 
     def resume(self, path, epochs: int, log=print) -> int:
         """Load the state saved at `path` (and the RNGs); the epoch to continue with."""
@@ -282,8 +265,7 @@ class TrainingState:
             raise CheckpointError(f"{path} holds weights only, not a training state: start a new run")
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        for part, key in ((self.scheduler, "scheduler"), (self.scaler, "scaler"), (self.stopper, "early_stopping"),
-                          (self.ema, "ema")):
+        for part, key in ((self.scheduler, "scheduler"), (self.scaler, "scaler"), (self.stopper, "early_stopping")):
             if part is not None and ckpt.get(key) is not None:
                 part.load_state_dict(ckpt[key])
         self.history, start = ckpt["history"], ckpt["epoch"] + 1
@@ -416,7 +398,6 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
                               recipe.peak_epoch)
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(), tta_flip=recipe.tta_flip,
-                        ema=recipe.ema,
                         eval_name="val" if recipe.val_split > 0 else "test")
     # every epoch is evaluated with flip TTA at most; the shifted views (6 in all) only at the end
     history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,

@@ -220,33 +220,3 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
     pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels, small_data.mean,
                             small_data.std, tta_flip=True, tta_shift=1)
     assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers
-
-
-def test_weight_average_is_evaluated_saved_resumed_and_kept(small_data, tmp_path):
-    """Recipe.ema: an exponential moving average of the weights (and BatchNorm statistics),
-    updated after every step, evaluated after every epoch, saved in the checkpoint, restored
-    on resume, and the run's final model."""
-    from helpers.checkpoint import load_checkpoint
-
-    r = config.recipe("fast", smoke=True, ema=0.9)
-    last = tmp_path / "fast_last.pt"
-    options = engine.RunOptions("cpu", fast_augment=True, progress=False)
-    run = engine.train(r, small_data, options, checkpoint_path=last)
-    ckpt = load_checkpoint(last)
-    steps = len(run["history"]["lr"])
-    assert int(ckpt["ema"]["n_averaged"]) == steps == 2 * 8              # 1,000 images at batch 128, 2 epochs
-    averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    final = run["model"].state_dict()
-    assert all(torch.equal(final[k], averaged[k]) for k in final)          # the run ends with the average
-    assert not torch.equal(ckpt["model"]["fc.weight"], final["fc.weight"])  # ... not with the last step's weights
-    # resuming the finished run restores the average and hands it back
-    fresh = get_model("fast")
-    init_whitening(fresh, engine.whitening_images(small_data))
-    opt = engine.make_optimizer(r.optimizer, fresh.parameters(), r.lr, r.momentum, r.weight_decay, r.nesterov)
-    engine.fit(fresh, [], [], opt, r.epochs, options=engine.RunOptions("cpu", progress=False),
-               extras=engine.FitOptions(resume=last, arch="fast", ema=r.ema), log=lambda *a: None)
-    assert all(torch.equal(fresh.state_dict()[k], final[k]) for k in final)
-    # off by default: checkpoints keep their old form
-    assert config.recipe("fast", smoke=True).ema == 0.0
-    with pytest.raises(Exception, match=r"ema must be in \[0, 1\)"):
-        config.recipe("fast", smoke=True, ema=1.5)
