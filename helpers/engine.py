@@ -124,7 +124,6 @@ class FitOptions:
     resume: str | os.PathLike | None = None              # continue exactly from such a file
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
-    tta_flip: bool = False           # evaluate each image and its mirror image
     eval_name: str = "test"          # what test_loader holds, for the log ("val": a validation split)
 
 
@@ -136,7 +135,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
 
     `options` says how to run (RunOptions: device, precision, torch.compile, the on-device
     augmentation, progress); `extras` what else to do (FitOptions: early stopping, a
-    checkpoint after every epoch, resume, flip TTA). A NaN or infinite loss raises
+    checkpoint after every epoch, resume). A NaN or infinite loss raises
     DivergenceError and leaves the last checkpoint as it was.
     """
     require_whole("epochs", epochs)
@@ -160,8 +159,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
                              epoch * steps, f"epoch {epoch + 1}/{epochs}")
         stop = False
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
-            te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, ext.tta_flip,
-                          opt.progress)
+            te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, progress=opt.progress)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             state.record(tr, te, time.perf_counter() - t0)
@@ -397,9 +395,10 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
         scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, recipe.epochs, len(train_loader),
                               recipe.peak_epoch)
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
-                        resume=resume, arch=recipe.model, config=recipe.to_dict(), tta_flip=recipe.tta_flip,
+                        resume=resume, arch=recipe.model, config=recipe.to_dict(),
                         eval_name="val" if recipe.val_split > 0 else "test")
-    # every epoch is evaluated with flip TTA at most; the shifted views (6 in all) only at the end
+    # each epoch's evaluation is a progress signal, without test-time augmentation; the final
+    # test below applies the recipe's
     history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), opt, extras, log)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
