@@ -100,7 +100,7 @@ def record_row(path: Path) -> dict:
     h, r, wall, n_train = rec["history"], rec["config"], rec["wall_seconds"], rec["data"]["train_images"]
     epochs = len(h["test_acc"])
     standard = recipe(rec["recipe"], smoke=bool(rec.get("smoke"))).to_dict()
-    overrides = {k: v for k, v in r.items() if k not in ("seed", "notes") and v != standard[k]}
+    overrides = {k: v for k, v in r.items() if k not in ("seed", "notes") and v != standard.get(k)}
     label = config_label(rec["recipe"], settings)
     label += "".join(f", {k} {v}" for k, v in overrides.items())
     return {"config": label, "about": r.get("notes", ""), "seed": r["seed"],
