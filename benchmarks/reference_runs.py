@@ -151,7 +151,8 @@ def readme_text(path: Path) -> str:
              "| peak GPU MiB | epochs | torch | commit | data |", "|" + " --- |" * 11]
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
              "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
-             "(`python -m helpers.study`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at issue 13's target, "
+             "and what each showed.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]

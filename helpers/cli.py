@@ -301,10 +301,10 @@ def cmd_train(args) -> int:
     resumed = checkpoint.check_resume(args.resume, r) if args.resume else None
     with ddp.distributed(args.device) as info:
         log = print if info.is_main else (lambda *a, **k: None)
+        t0 = time.time()                             # the whole run: data load, training, evaluation
         data = load_data(args.train_path, args.test_path, args.download, args.smoke)
         rec, lines = _start(args, name, r, data, info, resumed, last)
         log(*lines, sep="\n")
-        t0 = time.time()
         options = engine.RunOptions(str(info.device), args.amp, args.channels_last, args.fast_augment, args.compile,
                                     args.workers)
         result = engine.train(r, data, options, checkpoint_path=last, resume=args.resume, log=log)
