@@ -15,7 +15,6 @@ import copy
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis import to_device
@@ -56,6 +55,8 @@ def flops_by_layer(model: nn.Module) -> list[tuple[str, float]]:
 def matmul_rate(n: int = 2048, dtype=torch.bfloat16, device="cpu", min_run_time: float = 2.0) -> float:
     """FLOP/s of an n x n by n x n matrix product on `device`: the ceiling that a network made
     of matrix products and convolutions can approach on this machine."""
+    from torch.utils import benchmark      # imported here: it warns about CUDA on CPU-only machines
+
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     timer = benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
     timer.timeit(2)                                                        # warm up
@@ -67,6 +68,8 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tens
     """Training images per second: one real train step (forward, loss, backward, optimizer)
     on the given normalised batch, with the recipe's optimizer and the options' precision and
     layout, timed by torch.utils.benchmark. The model's weights change: pass a throwaway copy."""
+    from torch.utils import benchmark
+
     device = torch.device(options.device or "cpu")
     model.to(device)
     if options.channels_last:

@@ -150,10 +150,11 @@ def load_study(path=RESULTS) -> dict:
 
 def format_rows(rows) -> str:
     """The study as a fixed-width table."""
-    head = f"{'variant':<30} {'train':>7} {'test':>7} {'gap':>7} {'time':>6}"
+    width = max([30] + [len(r["variant"]) for r in rows])
+    head = f"{'variant':<{width}} {'train':>7} {'test':>7} {'gap':>7} {'time':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<30} {r['train_acc']:>7.2%} {r['test_acc']:>7.2%} "
+        lines.append(f"{r['variant']:<{width}} {r['train_acc']:>7.2%} {r['test_acc']:>7.2%} "
                      f"{r['gap']:>+7.2%} {r['seconds']:>5.0f}s")
     return "\n".join(lines)
 
