@@ -467,7 +467,7 @@ class DeviceLoader:
         world = torch.distributed.get_world_size() if isinstance(loader.sampler, DistributedSampler) else 1
         return cls(ds.images, ds.labels, loader.batch_size, spec["mean"], spec["std"], device,
                    spec["name"], shuffle=True, drop_last=loader.drop_last, seed=loader.seed,
-                   rank=getattr(loader, "rank", 0), world_size=world, options=spec.get("options"))
+                   rank=getattr(loader, "rank", 0), world_size=world)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -346,7 +346,7 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distribut
         train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
     # the same augmentation settings build the albumentations pipeline and, with
     # fast_augment, its on-device twin (DeviceLoader.from_loader reads `spec`)
-    spec = {"name": recipe.augment, "mean": mean, "std": std, "options": {}}
+    spec = {"name": recipe.augment, "mean": mean, "std": std}
     train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std),
                         batch_size=recipe.batch_size, shuffle=True, workers=workers, seed=recipe.seed,
                         distributed=distributed, recipe=spec)
