@@ -65,6 +65,7 @@ class Recipe:
     val_split: float = 0.0           # fraction of train held out for early stopping
     tta_flip: bool = False           # average predictions over the image and its mirror
     tta_shift: int = 0               # ... and over copies shifted by this many pixels (0: none)
+    whiten: bool = True              # fast net only: its first layer computed from the data (False: learned)
     seed: int = 0
     notes: str = ""
 
@@ -93,6 +94,8 @@ class Recipe:
         if not self.logit_scale > 0 or (self.logit_scale != 1.0 and self.model != "resnet9"):
             raise ConfigError(f"logit_scale must be > 0 and is an option of resnet9 only, got "
                               f"{self.logit_scale!r} for {self.model}")
+        if not self.whiten and self.model != "fast":
+            raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
         if self.weight_decay < 0:

@@ -385,8 +385,11 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,
     device = get_device(opt.device)
     seed_everything(recipe.seed)
     model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
-    if isinstance(model, FastNet):               # its first layer is computed, not learned
-        init_whitening(model, whitening_images(data, recipe))
+    if isinstance(model, FastNet):               # its first layer is computed, not learned ...
+        if recipe.whiten:
+            init_whitening(model, whitening_images(data, recipe))
+        else:                                    # ... unless the recipe says so (the ablation)
+            model.learn_first_layer()
     train_loader, val_loader, test_loader = build_loaders(recipe, data, opt.workers, _is_distributed())
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay, recipe.nesterov)

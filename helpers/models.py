@@ -151,6 +151,8 @@ class FastNet(nn.Module):
     of 2x2 patches of real training images, so that the first layer hands the next one
     decorrelated inputs of unit variance (12 eigen-directions, each with its negative).
     Training before that is refused: random fixed filters would silently cost accuracy.
+    `learn_first_layer()` instead trains the 2x2 conv from its random initialisation, as an
+    ordinary layer (the ablation that measures what the whitening is worth).
     """
 
     def __init__(self, num_classes: int = 10, widths=(64, 256, 256), output_scale: float = 1 / 9):
@@ -166,8 +168,13 @@ class FastNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.output_scale = output_scale
 
+    def learn_first_layer(self) -> "FastNet":
+        """No whitening: the first layer's filters are trained like any other weights."""
+        self.whiten.weight.requires_grad_(True)
+        return self
+
     def forward(self, x):
-        if self.training and not self.whitened:
+        if self.training and not (self.whitened or self.whiten.weight.requires_grad):
             raise ConfigError("the fast net's whitening filters are not set: call "
                               "helpers.models.init_whitening(model, training_images) first (engine.train does)")
         x = self.groups(self.act(self.whiten(x)))

@@ -44,6 +44,7 @@ VARIANTS = {
 # The fast recipe's ablation: each row leaves one ingredient out (or changes one setting)
 FAST_VARIANTS = {
     "fast recipe": ("fast", {}),
+    "no whitening (the 2x2 conv learned)": ("fast", {"whiten": False}),
     "no label smoothing": ("fast", {"label_smoothing": 0.0}),
     "no weight decay": ("fast", {"weight_decay": 0.0}),
     "no augmentation": ("fast", {"augment": "none"}),

@@ -42,6 +42,21 @@ def test_training_before_the_whitening_is_set_is_refused():
     assert "whitened" in model.state_dict()                        # saved, so a loaded model may train on
 
 
+def test_without_whitening_the_first_layer_is_learned_from_its_random_init(small_data):
+    from helpers.errors import ConfigError
+
+    r = config.recipe("fast", smoke=True, epochs=1, whiten=False)
+    engine.seed_everything(r.seed)
+    untouched = get_model("fast").whiten.weight.clone()            # train() seeds, then builds this net
+    run = engine.train(r, small_data, engine.RunOptions("cpu", progress=False))
+    stem = run["model"].whiten.weight
+    assert stem.requires_grad and not run["model"].whitened
+    assert stem.shape == untouched.shape and not torch.equal(stem, untouched)   # trained, not computed
+    assert np.isfinite(run["history"]["train_loss"]).all()
+    with pytest.raises(ConfigError, match="whiten=False is an option of the fast net only"):
+        config.recipe("resnet9", whiten=False).validate()
+
+
 def test_flop_accounting_fast_net_against_resnet9():
     flops = {name: speed.flops_per_image(get_model(name)) for name in ("fast", "resnet9")}
     assert 0.23e9 < flops["fast"] < 0.245e9          # issue 13: about 0.24 GFLOP forward

@@ -59,6 +59,7 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
     assert changed["fast recipe"] == set()
     assert changed["no label smoothing"] == {"label_smoothing"}
     assert changed["no augmentation"] == {"augment"}
+    assert changed["no whitening (the 2x2 conv learned)"] == {"whiten"}
     assert recipes["seed 001's augmentation (half pad-crop 4, flip, cutout)"].augment == "seed001"
 
 
