@@ -89,11 +89,13 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tens
 
 
 def seed_run_minutes(epochs: int = 24) -> dict:
-    """Seed 001's whole-run time on this course's runs: its mean seconds per epoch (training plus
-    the per-epoch test) times `epochs`. From notebook 04's full run in artifacts/ when there is
-    one, else from the committed results (results/reference_runs.jsonl, the CPU run of the seed
-    recipe). Returns {"minutes", "source"}; minutes is None when neither exists."""
+    """Seed 001's whole-run time on this course's runs: its median seconds per epoch (training
+    plus the per-epoch test; the median ignores epochs slowed by other work or a pause) times
+    `epochs`. From notebook 04's full run in artifacts/ when there is one, else from the committed
+    results (results/reference_runs.jsonl, the CPU runs of the seed recipe). Returns {"minutes",
+    "source"}; minutes is None when neither exists."""
     import json
+    import statistics
 
     from . import config
     from .checkpoint import load_checkpoint
@@ -103,16 +105,17 @@ def seed_run_minutes(epochs: int = 24) -> dict:
         ckpt = load_checkpoint(full)
         seconds = ckpt.get("history", {}).get("seconds") or []
         if seconds and not ckpt.get("smoke"):
-            return {"minutes": sum(seconds) / len(seconds) * epochs / 60,
-                    "source": f"notebook 04's run in artifacts/: {len(seconds)} epochs measured on this machine"}
+            return {"minutes": statistics.median(seconds) * epochs / 60,
+                    "source": f"notebook 04's run in artifacts/: median of {len(seconds)} epochs on this machine"}
     runs = config.REPO_ROOT / "results" / "reference_runs.jsonl"
     rows = [json.loads(line) for line in (runs.read_text().splitlines() if runs.is_file() else [])]
-    rows = [r for r in rows if r["config"] in ("resnet9", "resnet9-fast") and r["device_type"] == "cpu"
+    rows = [r for r in rows if r["settings"]["recipe"] == "resnet9" and r["device_type"] == "cpu"
             and not r["settings"]["smoke"] and r["epochs_run"] == epochs]
     if rows:
         r = rows[-1]
-        return {"minutes": r["epoch_seconds_mean"] * epochs / 60,
-                "source": f"results/reference_runs.jsonl: {r['device']}, commit {str(r['git']['commit'])[:8]}"}
+        return {"minutes": r.get("epoch_seconds_median", r["epoch_seconds_mean"]) * epochs / 60,
+                "source": f"results/reference_runs.jsonl: {r['config']}, {r['device']}, "
+                          f"commit {str(r['git']['commit'])[:8]}"}
     return {"minutes": None, "source": "no full run of the seed recipe found: run notebook 04"}
 
 

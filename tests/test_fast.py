@@ -85,6 +85,25 @@ def test_matmul_and_train_rates_are_measured_live():
     assert r > 1 and not torch.equal(before, model.fc.weight)     # real steps ran
 
 
+def test_seed_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
+    assert speed.seed_run_minutes()["minutes"] is None                          # nothing measured yet
+    row = {"config": "resnet9-fast", "settings": {"recipe": "resnet9", "smoke": False}, "device_type": "cpu",
+           "epochs_run": 24, "epoch_seconds_mean": 500.0, "device": "a CPU", "git": {"commit": "abc"}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "reference_runs.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps(dict(row, config="fast", settings={"recipe": "fast", "smoke": False})) + "\n")
+    assert speed.seed_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
+                                        "results/reference_runs.jsonl: resnet9-fast, a CPU, commit abc"}
+    # notebook 04's own run wins; an epoch slowed by a pause (3,000 s) does not count
+    save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=False,
+                    history={"seconds": [400.0, 3000.0, 410.0, 405.0]})
+    assert speed.seed_run_minutes()["minutes"] == pytest.approx(407.5 * 24 / 60)
+    assert speed.seed_run_minutes(epochs=10)["minutes"] == pytest.approx(407.5 * 10 / 60)
+
+
 def whitened(model: FastNet, x: torch.Tensor) -> torch.Tensor:
     """The whitening layer's outputs as (patches, 24) rows."""
     with torch.no_grad():
