@@ -156,7 +156,7 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     axes[1].plot(epochs, 100 * np.asarray(history["test_acc"]), "o-", label=eval_name)
     axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
     if target is not None:
-        axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {target:.0%}")
+        axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:g} %")
     if "best_epoch" in history and history["best_epoch"] >= 0:
         axes[1].axvline(history["best_epoch"] + 1, color="grey", linestyle="--", label="best epoch")
     for ax in axes[:2]:

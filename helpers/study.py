@@ -146,7 +146,7 @@ def load_study(path=RESULTS) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the study's results {Path(path).name} ({type(e).__name__}): "
-                          "run `python -m helpers.study` (see --help) or set RUN_STUDY = True") from None
+                          "make it with `python -m helpers.study` (see --help), or run the study live") from None
 
 
 def format_rows(rows) -> str:

@@ -75,6 +75,15 @@ def test_history_table_has_one_row_per_epoch_with_its_last_lr():
     assert lines[3].split()[-1] == "2.00e-04"
 
 
+def test_training_curves_draw_the_target_with_its_decimals():
+    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "test_loss": [1.2, 0.8],
+               "test_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
+    for target, label in ((0.935, "target 93.5 %"), (0.9, "target 90 %")):
+        fig = plots.training_curves(history, target=target)
+        assert label in [line.get_label() for line in fig.axes[1].get_lines()]
+        plots.close(fig)
+
+
 def test_study_and_grad_cam_figures_draw():
     rows = [{"variant": "a", "train_acc": 0.9, "test_acc": 0.8}, {"variant": "b", "train_acc": 0.7, "test_acc": 0.7}]
     fig = plots.study(rows)
