@@ -159,7 +159,7 @@ class FastNet(nn.Module):
         super().__init__()
         dims = 3 * WHITEN_SIZE ** 2
         self.whiten = nn.Conv2d(3, 2 * dims, WHITEN_SIZE, bias=True)
-        self.whiten.weight.requires_grad_(False)          # set from data, never trained
+        self.whiten.weight.requires_grad_(False)          # set from data, not trained (but see learn_first_layer)
         self.register_buffer("whitened", torch.tensor(False))   # set by init_whitening, saved with the weights
         self.act = nn.GELU()
         c = [2 * dims, *widths]
