@@ -152,7 +152,8 @@ def readme_text(path: Path) -> str:
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
              "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
              "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at issue 13's target, "
-             "and what each showed.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             "and what each showed.", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
+             "settings on a CPU (the shipped model), epoch by epoch.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]
@@ -163,6 +164,10 @@ def readme_text(path: Path) -> str:
                   "and their workers, training, per-epoch evaluation and the final test evaluation. Train images/s = "
                   "epochs run x training images / wall seconds. `+` after a commit: the working tree had uncommitted "
                   "changes."]
+    if any(r["wall_seconds"] is None for g in runs for r in g):
+        lines += ["", "Wall seconds `-`: a run resumed across sessions, with no single wall time (notebook 04's full "
+                  "run, see `resnet9_notebook04.md`); its images/s = training images / median epoch seconds "
+                  "(training plus the per-epoch test)."]
     if any("JPEG" in g[-1]["data"] for g in runs):
         lines += ["", "Data: the lossy JPEG copy of CIFAR-10 (an image folder of .jpg files): its pixels differ from "
                   "the original CIFAR-10, so accuracies are not directly comparable with published ones."]

@@ -296,7 +296,7 @@ def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
 def _progress(items, desc: str):
     if len(items) < 5000:
         return items
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     return tqdm(items, desc=desc, unit="img", leave=False, file=sys.stderr)
 
 

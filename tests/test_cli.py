@@ -528,3 +528,19 @@ def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
     assert row["device"].endswith("cores)") and row["versions"]["torch"] and "commit" in row["git"]
     table = out.with_suffix(".md").read_text()
     assert f"| {row['config']}" in table and f"{100 * row['test_acc']:.2f}" in table
+
+
+def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):
+    """Notebook 04's full run has no single wall time: its row shows '-' and says why."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reference_runs
+
+    row = json.loads((REPO / "results" / "reference_runs.jsonl").read_text().splitlines()[0])
+    row.update(config="resnet9-fast (notebook 04)", wall_seconds=None, images_per_s=123.0, test_acc=0.8982)
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    text = reference_runs.readme_text(path)
+    line = next(x for x in text.splitlines() if x.startswith("| resnet9-fast (notebook 04)"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3:6] == ["89.82", "-", "123"]
+    assert "Wall seconds `-`: a run resumed across sessions" in text
