@@ -254,19 +254,3 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
     pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels, small_data.mean,
                             small_data.std, tta_flip=True, tta_shift=1)
     assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers
-
-
-SHIPPED_FAST = config.REPO_ROOT / "models" / "fast_cifar10.pt"
-
-
-@pytest.mark.skipif(not SHIPPED_FAST.exists(), reason="models/fast_cifar10.pt is shipped by a full fast run")
-def test_shipped_fast_model_keeps_its_recorded_accuracy_with_the_recipes_tta(real_data):
-    model, ckpt = load_model(SHIPPED_FAST)
-    assert isinstance(model, FastNet) and ckpt["dtype"] == "float16" and model.whitened
-    assert SHIPPED_FAST.stat().st_size <= 5 * 2**20
-    r = ckpt["config"]
-    sub = real_data.subset(1, 100)                                  # 100 test images per class
-    acc = analysis.predict(model, sub.test_images, sub.test_labels, ckpt["mean"], ckpt["std"],
-                           tta_flip=r["tta_flip"], tta_shift=r["tta_shift"]).accuracy
-    assert acc >= 0.86 and abs(acc - ckpt["metrics"]["test_acc"]) < 0.03
-
