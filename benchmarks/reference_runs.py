@@ -152,7 +152,8 @@ def readme_text(path: Path) -> str:
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
              "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
              "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at issue 13's target, "
-             "and what each showed.", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
+             "and what each showed.", "- `fast_ablation.md`/`.json`: the fast recipe's ablation, one ingredient left out per "
+             "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
