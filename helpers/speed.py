@@ -12,6 +12,7 @@ products and convolutions, which is where nearly all of the time goes.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -52,11 +53,23 @@ def flops_by_layer(model: nn.Module) -> list[tuple[str, float]]:
     return [r for r in rows if r[1] > 0]
 
 
+def _benchmark():
+    """torch.utils.benchmark, imported without the warning it logs on machines without CUDA
+    (it names the machine's CUDA_HOME, which has nothing to do with timing)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
 def matmul_rate(n: int = 2048, dtype=torch.bfloat16, device="cpu", min_run_time: float = 2.0) -> float:
     """FLOP/s of an n x n by n x n matrix product on `device`: the ceiling that a network made
     of matrix products and convolutions can approach on this machine."""
-    from torch.utils import benchmark      # imported here: it warns about CUDA on CPU-only machines
-
+    benchmark = _benchmark()
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     timer = benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
     timer.timeit(2)                                                        # warm up
@@ -68,8 +81,7 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tens
     """Training images per second: one real train step (forward, loss, backward, optimizer)
     on the given normalised batch, with the recipe's optimizer and the options' precision and
     layout, timed by torch.utils.benchmark. The model's weights change: pass a throwaway copy."""
-    from torch.utils import benchmark
-
+    benchmark = _benchmark()
     device = torch.device(options.device or "cpu")
     model.to(device)
     if options.channels_last:
