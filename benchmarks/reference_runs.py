@@ -91,14 +91,15 @@ def config_label(recipe_name: str, settings: dict) -> str:
 def record_row(path: Path) -> dict:
     """A results row for a finished run made outside this script, from the record that
     `python -m helpers train` writes beside its checkpoints (<model>_history.json): its
-    history, test result, recipe, run options, wall time, device, versions and commit."""
+    history, test result, recipe, run options, wall time, device, versions and commit.
+    A run resumed with --resume has no single wall time (its process ran only the last part):
+    its wall seconds are None and its images/s come from the median epoch (training plus the
+    per-epoch test), so epochs slowed or cut by a session's end do not count."""
     rec = json.loads(Path(path).read_text())
-    if rec.get("resumed_from"):
-        raise SystemExit(f"error: {path} records a resumed run, whose wall time covers only its last part: "
-                         "record runs made in one go")
+    resumed = bool(rec.get("resumed_from"))
     settings = {k: rec.get(k) for k in ("amp", "channels_last", "fast_augment", "compile", "workers", "smoke")}
     h, r, wall, n_train = rec["history"], rec["config"], rec["wall_seconds"], rec["data"]["train_images"]
-    epochs = len(h["test_acc"])
+    epochs, median = len(h["test_acc"]), float(np.median(h["seconds"]))
     standard = recipe(rec["recipe"], smoke=bool(rec.get("smoke"))).to_dict()
     overrides = {k: v for k, v in r.items() if k not in ("seed", "notes") and v != standard.get(k)}
     label = config_label(rec["recipe"], settings)
@@ -109,9 +110,11 @@ def record_row(path: Path) -> dict:
                          "world_size": rec.get("world_size", 1),
                          "epochs_override": r["epochs"] if "epochs" in overrides else None},
             "test_acc": rec["test"]["acc"], "test_loss": rec["test"]["loss"], "epochs_run": epochs,
-            "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
-            "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,
-            "images_per_s": epochs * n_train / wall, "data": rec["data"]["source"], "peak_gpu_memory_bytes": None,
+            "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1],
+            "wall_seconds": None if resumed else wall, "epoch_seconds_mean": float(np.mean(h["seconds"])),
+            "epoch_seconds_median": median, "train_images": n_train,
+            "images_per_s": n_train / median if resumed else epochs * n_train / wall,
+            "data": rec["data"]["source"], "peak_gpu_memory_bytes": None,
             "recipe": r, "command": " ".join(rec["command"]),
             **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
 
@@ -167,7 +170,7 @@ def readme_text(path: Path) -> str:
                   "changes."]
     if any(r["wall_seconds"] is None for g in runs for r in g):
         lines += ["", "Wall seconds `-`: a run resumed across sessions, with no single wall time (notebook 04's full "
-                  "run, see `resnet9_notebook04.md`); its images/s = training images / median epoch seconds "
+                  "run, see `resnet9_notebook04.md`, or a command-line run continued with `--resume`); its images/s = training images / median epoch seconds "
                   "(training plus the per-epoch test)."]
     if any("JPEG" in g[-1]["data"] for g in runs):
         lines += ["", "Data: the lossy JPEG copy of CIFAR-10 (an image folder of .jpg files): its pixels differ from "

@@ -530,6 +530,26 @@ def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
     assert f"| {row['config']}" in table and f"{100 * row['test_acc']:.2f}" in table
 
 
+def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, tmp_path):
+    """A run continued with --resume in a later session: its process saw only the last epochs,
+    so the row has no wall time and takes images/s from the median epoch."""
+    rec = json.loads((trained.dir / f"{trained.model}_history.json").read_text())
+    rec.update(resumed_from=str(trained.dir / f"{trained.model}_last.pt"), wall_seconds=1.0)
+    rec["history"]["seconds"] = [40.0, 3000.0, 50.0]        # the middle epoch was cut by a session's end
+    for key in ("train_acc", "test_acc"):
+        rec["history"][key] = rec["history"][key] * 3
+    path = tmp_path / "compact_history.json"
+    path.write_text(json.dumps(rec))
+    out = tmp_path / "runs.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_runs.py"), "--record", str(path),
+                           "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["wall_seconds"] is None and row["epochs_run"] == 3 and row["epoch_seconds_median"] == 50.0
+    assert row["images_per_s"] == pytest.approx(row["train_images"] / 50.0)
+    assert "Wall seconds `-`: a run resumed across sessions" in out.with_suffix(".md").read_text()
+
+
 def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):
     """Notebook 04's full run has no single wall time: its row shows '-' and says why."""
     sys.path.insert(0, str(REPO / "benchmarks"))
