@@ -25,6 +25,7 @@ from .runinfo import run_info
 
 MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact, fast
 RECIPE_CHOICES = {"seed": None, "tuned": "resnet9-tuned"}   # --recipe -> key of config.RECIPES
+TTA_CHOICES = {"recipe": None, "none": (False, 0), "flip": (True, 0), "flip-shift": (True, 1)}  # test --tta
 SHORT_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -120,16 +121,21 @@ def _add_train(sub) -> None:
       "(default: $CIFAR10_DIR, else ./data/, downloading there if needed)")
     a("--test_path", "--tp", help="where the test split comes from (default: TRAIN_PATH)")
     a("--download", action="store_true", help="download CIFAR-10 into TRAIN_PATH/TEST_PATH if it is missing")
-    a("--checkpoints", default=f"./{config.DEFAULT_CHECKPOINT_DIR}/", help="folder for checkpoints, history, curves")
+    a("--checkpoints", help=f"folder for checkpoints, history, curves (default: ./{config.DEFAULT_CHECKPOINT_DIR}/; "
+      f"smoke runs: ./{config.SMOKE_CHECKPOINT_DIR}/, so they never overwrite a full run's model)")
     a("--serialize", "--s", action="store_true", help="save the final model as CHECKPOINTS/<model>.pt")
     a("--smoke", action=argparse.BooleanOptionalAction, help=SMOKE_HELP)
     a("--dry-run", action="store_true", help="one smoke epoch; saves nothing unless --serialize")
-    a("--workers", type=non_negative_int, default=2, help="data-loading processes (results depend on it)")
+    a("--workers", type=non_negative_int, help="data-loading processes; results depend on it "
+      "(default: 0 with the on-device augmentation, else 2)")
     a("--resume", metavar="PATH", help="continue the run saved in PATH, a <model>_last.pt (default: start afresh)")
-    a("--fast-augment", action="store_true",
-      help="the recipe's augmentation (seed001, flip-translate) on whole batches on the device")
-    a("--amp", choices=("bf16", "fp16"), help="mixed precision on CUDA (default: off, float32)")
-    a("--channels-last", action="store_true", help="NHWC memory layout, which tensor cores prefer")
+    # speed settings: what a flag says, else what helpers.engine.auto_options picks for the device
+    a("--fast-augment", action=argparse.BooleanOptionalAction, help="the recipe's augmentation (seed001, "
+      "flip-translate) on whole uint8 batches on the device (default: on where the recipe's has that twin)")
+    a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision. auto: bf16 on "
+      "Ampere+ GPUs and on CPUs with AVX-512 BF16/AMX, fp16 with a grad scaler on older GPUs, else off (float32)")
+    a("--channels-last", action=argparse.BooleanOptionalAction,
+      help="NHWC memory layout (default: as auto picks: on with tensor cores or CPU bf16)")
     a("--compile", action="store_true", help="torch.compile the model")
     for field in dataclasses.fields(config.Recipe):       # the recipe flags, generated in the Recipe's order
         if field.name in RECIPE_FLAGS:
@@ -147,11 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     a = _command(sub, "test", "evaluate a saved model on the test set", "Evaluate a saved model on the CIFAR-10 "
                  "test set: overall and per-class accuracy, the most\nconfused pairs and seed 003's picture of "
-                 "predictions (green right, red wrong).", "--model models/resnet9.pt", "--model models/vgg.pt --cm")
+                 "predictions (green right, red wrong).", "--model models/resnet9.pt", "--model models/vgg.pt --cm",
+                 "--model models/resnet9_cifar10.pt --tta flip")
     a("--model", required=True, help="the checkpoint to test, e.g. models/resnet9.pt (required)")
     a("--test_path", "--tp", metavar="TP", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data/)")
     a("--download", action="store_true", help="download CIFAR-10 into TP if it is missing")
     a("--batch", "--test_batch", type=positive_int, default=256, help="evaluation batch size (seed 003 used 8)")
+    a("--tta", choices=tuple(TTA_CHOICES), default="recipe", help="test-time augmentation: the one the model's "
+      "recipe tests with, none, the mirror image (2 views), or the mirror and 1-pixel shifts (6 views)")
     a("--confusion", "--cm", action="store_true", help="also print and save the confusion matrix")
     a("--grid", type=non_negative_int, default=32, metavar="N", help="images in the prediction picture")
     a("--out", metavar="DIR", help="folder for the PNGs (default: the checkpoint's folder)")
@@ -293,6 +302,7 @@ def cmd_train(args) -> int:
     from . import checkpoint, engine
 
     args.smoke = args.smoke or args.dry_run
+    args.checkpoints = args.checkpoints or f"./{config.SMOKE_CHECKPOINT_DIR if args.smoke else config.DEFAULT_CHECKPOINT_DIR}/"
     name, r = train_recipe(args)
     save = args.serialize or not args.dry_run
     last = Path(args.checkpoints).expanduser() / f"{r.model}_last.pt" if save else None
@@ -303,14 +313,44 @@ def cmd_train(args) -> int:
         log = print if info.is_main else (lambda *a, **k: None)
         t0 = time.time()                             # the whole run: data load, training, evaluation
         data = load_data(args.train_path, args.test_path, args.download, args.smoke)
+        options = speed_options(args, r, info.device)
         rec, lines = _start(args, name, r, data, info, resumed, last)
-        log(*lines, sep="\n")
-        options = engine.RunOptions(str(info.device), args.amp, args.channels_last, args.fast_augment, args.compile,
-                                    args.workers)
+        log(*lines, options.describe(), sep="\n")
         result = engine.train(r, data, options, checkpoint_path=last, resume=args.resume, log=log)
         if info.is_main:                             # rank 0 alone reports and saves
             _finish(args, r, dict(rec, wall_seconds=time.time() - t0), result, data.classes, info.device)
     return 0
+
+
+def speed_options(args, r, device):
+    """engine.RunOptions from the speed flags; each one left out is what auto_options picks for the device,
+    and its reason is kept for the opening lines. args gets the resolved values (the history records them)."""
+    from . import augment, engine
+
+    auto = engine.auto_options(device)
+    why = [] if args.amp != "auto" and args.channels_last is not None else \
+        [w for w in auto.reasons if not w.startswith("on-device")]
+    if args.amp == "auto":
+        args.amp = auto.amp
+    else:
+        args.amp = None if args.amp == "off" else args.amp
+        why.append(f"{args.amp or 'fp32'}: --amp")
+    if args.channels_last is None:
+        args.channels_last = auto.channels_last and args.amp is not None      # NHWC pays with the fast matmuls
+    else:
+        why.append(f"channels_last {'on' if args.channels_last else 'off'}: --{'' if args.channels_last else 'no-'}"
+                   "channels-last")
+    if args.fast_augment is None:
+        args.fast_augment = auto.fast_augment and r.augment in (*augment.PRESETS, "none")
+        why.append(next(w for w in auto.reasons if w.startswith("on-device")) if args.fast_augment else
+                   f"loader augmentation: {r.augment} has no on-device twin (it has {', '.join(augment.PRESETS)})")
+    else:
+        why.append(f"on-device augmentation {'on' if args.fast_augment else 'off'}: "
+                   f"--{'' if args.fast_augment else 'no-'}fast-augment")
+    if args.workers is None:
+        args.workers = 0 if args.fast_augment else 2
+    return engine.RunOptions(str(device), args.amp, args.channels_last, args.fast_augment, args.compile,
+                             args.workers, reasons=tuple(why))
 
 
 def _finish(args, r, rec, result, classes, device) -> None:
@@ -359,6 +399,8 @@ def cmd_test(args) -> int:
     from . import analysis, plots
 
     model, ckpt, device, tta, stats = _load_for_inference(args.model, args.device)
+    if TTA_CHOICES[args.tta]:                      # --tta instead of the recipe's
+        tta = dict(zip(("tta_flip", "tta_shift"), TTA_CHOICES[args.tta]))
     out = _writable_dir(Path(args.out) if args.out else Path(args.model).expanduser().parent, "--out")
     data = load_data(None, args.test_path, args.download, args.smoke)
     recipe = f", {ckpt['recipe']} recipe" if ckpt.get("recipe") else ""

@@ -172,6 +172,7 @@ def recipe(name: str = "resnet9", smoke: bool | None = None, **changes) -> Recip
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path("data")                    # torchvision download target (./data)
 DEFAULT_CHECKPOINT_DIR = Path("models")            # where `train --serialize` writes
+SMOKE_CHECKPOINT_DIR = Path("artifacts") / "smoke"  # ... and where it writes in smoke mode
 SHIPPED_MODEL = REPO_ROOT / "models" / "resnet9_cifar10.pt"
 # Notebook outputs shared between notebooks. Smoke runs (CI, a plain pytest) keep theirs in
 # artifacts/smoke/, so that they never overwrite or resume a full run's checkpoints.

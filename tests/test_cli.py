@@ -170,6 +170,26 @@ def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
         assert_png(path)
 
 
+def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, tmp_path):
+    from helpers.analysis import predict
+    from helpers.checkpoint import load_model
+    from helpers.data import load_cifar10
+
+    if trained.model not in ("resnet9", "fast"):           # one recipe without TTA, one with
+        pytest.skip("resnet9 and fast cover both kinds of recipe")
+    model, ckpt = load_model(trained.final)
+    sub = load_cifar10(DATA).smoke_subset()
+    for tta, label, keywords in (("flip", "flip", (True, 0)), ("none", None, (False, 0))):
+        proc = cli("test", "--model", trained.final, "--tta", tta, "--grid", "0", "--out", tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        head = proc.stdout.splitlines()[0]
+        assert (f", TTA: {label};" in head) if label else ("TTA" not in head), head
+        acc = float(printed(r"^test accuracy: (\d\.\d{4})", proc.stdout))
+        want = predict(model, sub.test_images, sub.test_labels, ckpt["mean"], ckpt["std"],
+                       tta_flip=keywords[0], tta_shift=keywords[1]).accuracy
+        assert acc == pytest.approx(want, abs=2 / 500)        # the same views, evaluated in-process
+
+
 def _sample_images(tmp_path):
     """A real CIFAR-10 test JPEG, a 100x60 RGBA PNG and a 32x32 greyscale PNG."""
     from PIL import Image
@@ -247,6 +267,46 @@ def test_dry_run_trains_one_epoch_and_saves_nothing(tmp_path):
     assert re.search(r"^epoch +1/1 ", proc.stdout, re.M) and "test accuracy:" in proc.stdout
     assert "dry run: nothing saved" in proc.stdout
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("model", ["resnet9", "compact", "vgg"])
+def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
+    """The CLI, like the notebooks, runs bf16 + channels_last where the device has fast bf16 and
+    the on-device augmentation where the recipe's augmentation has that twin (not seed 004's)."""
+    import torch
+
+    from helpers.cli import build_parser, speed_options
+    from helpers.config import recipe
+    from helpers.engine import auto_options
+
+    auto, r = auto_options("cpu"), recipe(model)
+    opts = speed_options(build_parser().parse_args(["train", "--model", model]), r, torch.device("cpu"))
+    twin = r.augment != "seed004"
+    assert (opts.amp, opts.channels_last) == (auto.amp, auto.channels_last)
+    assert opts.fast_augment is twin and opts.workers == (0 if twin else 2)
+    assert any(w.startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU") for w in opts.reasons)
+    assert any("seed004 has no on-device twin" in w for w in opts.reasons) is (not twin)
+    # a flag given wins, and the reason says so
+    given = build_parser().parse_args(["train", "--model", model, "--amp", "off", "--no-channels-last",
+                                       "--no-fast-augment", "--workers", "1"])
+    opts = speed_options(given, r, torch.device("cpu"))
+    assert (opts.amp, opts.channels_last, opts.fast_augment, opts.workers) == (None, False, False, 1)
+    assert opts.reasons == ("fp32: --amp", "channels_last off: --no-channels-last",
+                            "on-device augmentation off: --no-fast-augment")
+
+
+@needs_data
+def test_smoke_run_saves_under_artifacts_smoke_not_over_a_full_runs_model(tmp_path):
+    proc = cli("train", "--model", "compact", "--dry-run", "--serialize", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^device cpu: (bf16|fp32), channels_last (on|off), on-device augmentation off$",
+                     proc.stdout, re.M), proc.stdout[:2000]
+    assert "  - loader augmentation: seed004 has no on-device twin" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "artifacts" / "smoke")) == sorted(
+        ["compact.pt", "compact_last.pt", "compact_history.json", "compact_curves.png"])
+    assert not (tmp_path / "models").exists()
+    record = json.loads((tmp_path / "artifacts" / "smoke" / "compact_history.json").read_text())
+    assert record["workers"] == 2 and record["fast_augment"] is False and record["amp"] in ("bf16", None)
 
 
 def _write_tree(root: Path, per_class: int, value: int) -> Path:
@@ -327,7 +387,8 @@ def test_help_shows_every_flag_with_its_default(command):
         assert "(default: the recipe's: resnet9 24, resnet9-tuned 24, vgg 15, compact 200, fast 10)" in entries["--epochs"]
         assert "resnet9 0.1, resnet9-tuned 0," in entries["--dropout"]
         assert "resnet9-tuned 0.0005" in entries["--weight-decay"]
-        assert "(default: ./models/)" in entries["--checkpoints"]
+        assert "(default: ./models/; smoke runs: ./artifacts/smoke/" in entries["--checkpoints"]
+        assert "(default: auto)" in entries["--amp"] and "auto: bf16 on Ampere+ GPUs" in entries["--amp"]
         assert "effective batch is N x --train_batch" in proc.stdout
     if command == "test":
         assert "(default: 256" in entries["--batch"]
@@ -526,6 +587,8 @@ def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
     assert row["train_images"] in (1000, 900) and row["images_per_s"] == pytest.approx(
         row["train_images"] / row["wall_seconds"])
     assert row["device"].endswith("cores)") and row["versions"]["torch"] and "commit" in row["git"]
+    # the command without the machine's paths: train ran with --checkpoints <absolute tmp dir>/models
+    assert str(trained.root) not in row["command"] and row["command"].endswith("--checkpoints .../models")
     table = out.with_suffix(".md").read_text()
     assert f"| {row['config']}" in table and f"{100 * row['test_acc']:.2f}" in table
 
@@ -548,6 +611,16 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     assert row["wall_seconds"] is None and row["epochs_run"] == 3 and row["epoch_seconds_median"] == 50.0
     assert row["images_per_s"] == pytest.approx(row["train_images"] / 50.0)
     assert "Wall seconds `-`: a run resumed across sessions" in out.with_suffix(".md").read_text()
+
+
+def test_public_command_keeps_no_path_of_the_machine():
+    from helpers.config import REPO_ROOT
+    from helpers.runinfo import public_command
+
+    argv = ["python", "-m", "helpers", "train", "--checkpoints", "/scratch/me/runs/compact", "--lr", "-1e-3",
+            f"--out={REPO_ROOT / 'results' / 'x.json'}", "models/resnet9.pt", str(REPO_ROOT / "models")]
+    assert public_command(argv) == ("python -m helpers train --checkpoints .../compact --lr -1e-3 "
+                                    "--out=results/x.json models/resnet9.pt models")
 
 
 def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):
