@@ -28,7 +28,7 @@ from helpers.config import recipe  # noqa: E402
 from helpers.data import DeviceLoader, load_cifar10, make_loader  # noqa: E402
 from helpers.files import atomic_write, jsonable  # noqa: E402
 from helpers.models import MODELS, get_model  # noqa: E402
-from helpers.runinfo import run_info  # noqa: E402
+from helpers.runinfo import public_command, run_info  # noqa: E402
 
 DEFAULTS = dict(data_batch=512, workers=[0, 1, 2, 4, 8, 16])   # then AUTO by device, then DRY_RUN; flags win
 AUTO = {"cuda": dict(train_batch=512, eval_batch=1024, min_run_time=1.0, warmup=10),
@@ -153,7 +153,7 @@ def main(argv=None) -> list:
     args.workers = [w for w in args.workers if w <= (os.cpu_count() or 1)]
     data = load_cifar10(args.data_dir, download=False)
     data = data.smoke_subset() if args.dry_run else data
-    base = {**run_info(device), "data": data.source, "command": " ".join(["python", *sys.argv]),
+    base = {**run_info(device), "data": data.source, "command": public_command(["python", *sys.argv]),
             "timer": "adaptive_autorange" if args.adaptive else "blocked_autorange",
             "min_run_time": args.min_run_time, "warmup": args.warmup, "dry_run": args.dry_run}
     measurements = []

@@ -30,7 +30,7 @@ from helpers import engine  # noqa: E402
 from helpers.config import recipe, smoke_mode  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
 from helpers.files import atomic_write  # noqa: E402
-from helpers.runinfo import run_info  # noqa: E402
+from helpers.runinfo import public_command, run_info  # noqa: E402
 
 FP32 = dict(fast_augment=False, amp=None, channels_last=False)
 FAST = dict(fast_augment=True, amp="bf16", channels_last=True)
@@ -76,7 +76,7 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
             "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,
             "images_per_s": len(h["test_acc"]) * n_train / wall, "data": data.source,
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "recipe": r.to_dict(), "command": " ".join(["python", *sys.argv]), **run_info(device)}
+            "recipe": r.to_dict(), "command": public_command(["python", *sys.argv]), **run_info(device)}
 
 
 def config_label(recipe_name: str, settings: dict) -> str:
@@ -115,7 +115,7 @@ def record_row(path: Path) -> dict:
             "epoch_seconds_median": median, "train_images": n_train,
             "images_per_s": n_train / median if resumed else epochs * n_train / wall,
             "data": rec["data"]["source"], "peak_gpu_memory_bytes": None,
-            "recipe": r, "command": " ".join(rec["command"]),
+            "recipe": r, "command": public_command(rec["command"]),
             **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
 
 
@@ -154,7 +154,7 @@ def readme_text(path: Path) -> str:
              "| peak GPU MiB | epochs | torch | commit | data |", "|" + " --- |" * 11]
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
              "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
-             "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at issue 13's target, "
+             "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at its 93.5 % target, "
              "and what each showed.", "- `fast_ablation.md`/`.json`: the fast recipe's ablation, one ingredient left out per "
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"

@@ -60,6 +60,20 @@ def git_commit() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def public_command(argv) -> str:
+    """The command line as a record may print it: no path of the machine that ran it. An absolute
+    path (alone or after `--flag=`) becomes relative to the repository when inside it, else
+    `.../<its last part>`."""
+    def public(arg: str) -> str:
+        flag, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        if not os.path.isabs(value):
+            return arg
+        path = os.path.normpath(value)
+        inside = os.path.commonpath([path, str(REPO_ROOT)]) == str(REPO_ROOT)
+        return flag + eq + (os.path.relpath(path, REPO_ROOT) if inside else f".../{os.path.basename(path)}")
+    return " ".join(public(str(a)) for a in argv)
+
+
 def run_info(device) -> dict:
     """Everything a results/ record states about the run that produced it."""
     import torch
