@@ -313,7 +313,7 @@ def cmd_train(args) -> int:
         log = print if info.is_main else (lambda *a, **k: None)
         t0 = time.time()                             # the whole run: data load, training, evaluation
         data = load_data(args.train_path, args.test_path, args.download, args.smoke)
-        options = speed_options(args, r, info.device)
+        options = speed_options(args, r, info.device, resumed)
         rec, lines = _start(args, name, r, data, info, resumed, last)
         log(*lines, options.describe(), sep="\n")
         result = engine.train(r, data, options, checkpoint_path=last, resume=args.resume, log=log)
@@ -322,33 +322,51 @@ def cmd_train(args) -> int:
     return 0
 
 
-def speed_options(args, r, device):
-    """engine.RunOptions from the speed flags; each one left out is what auto_options picks for the device,
-    and its reason is kept for the opening lines. args gets the resolved values (the history records them)."""
+def speed_options(args, r, device, resumed: dict | None = None):
+    """engine.RunOptions from the speed flags, with the reasons the opening lines print. A resumed
+    run takes the settings its checkpoint records (a flag that contradicts one is refused);
+    otherwise each flag left out is what engine.auto_options picks for the device. args gets the
+    resolved values, which the history records."""
     from . import augment, engine
 
-    auto = engine.auto_options(device)
-    why = [] if args.amp != "auto" and args.channels_last is not None else \
-        [w for w in auto.reasons if not w.startswith("on-device")]
-    if args.amp == "auto":
-        args.amp = auto.amp
+    given = {} if args.amp == "auto" else {"amp": None if args.amp == "off" else args.amp}
+    given.update({k: getattr(args, k) for k in ("channels_last", "fast_augment", "workers")
+                  if getattr(args, k) is not None})
+    saved = (resumed or {}).get("options")
+    if saved is not None:
+        diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k in saved and saved[k] != v]
+        if diffs:
+            raise ConfigError(f"cannot resume {args.resume} with other speed settings ({'; '.join(diffs)}): drop "
+                              "those flags (a resumed run keeps its own) or start a new run without --resume")
+        chosen, why = dict(saved), ["as the run being resumed (its checkpoint records them)"]
     else:
-        args.amp = None if args.amp == "off" else args.amp
-        why.append(f"{args.amp or 'fp32'}: --amp")
-    if args.channels_last is None:
-        args.channels_last = auto.channels_last and args.amp is not None      # NHWC pays with the fast matmuls
-    else:
-        why.append(f"channels_last {'on' if args.channels_last else 'off'}: --{'' if args.channels_last else 'no-'}"
-                   "channels-last")
-    if args.fast_augment is None:
-        args.fast_augment = auto.fast_augment and r.augment in (*augment.PRESETS, "none")
-        why.append(next(w for w in auto.reasons if w.startswith("on-device")) if args.fast_augment else
-                   f"loader augmentation: {r.augment} has no on-device twin (it has {', '.join(augment.PRESETS)})")
-    else:
-        why.append(f"on-device augmentation {'on' if args.fast_augment else 'off'}: "
-                   f"--{'' if args.fast_augment else 'no-'}fast-augment")
-    if args.workers is None:
-        args.workers = 0 if args.fast_augment else 2
+        auto, why = engine.auto_options(device), []
+        chosen = {"amp": given.get("amp", auto.amp)}
+        why.append(auto.reasons[0] if "amp" not in given else f"{chosen['amp'] or 'fp32'}: --amp {args.amp}")
+        if "channels_last" in given:
+            chosen["channels_last"] = given["channels_last"]
+            why.append(f"channels_last {'on' if given['channels_last'] else 'off'}: "
+                       f"--{'' if given['channels_last'] else 'no-'}channels-last")
+        else:                                          # NHWC pays with the bf16/fp16 matrix units
+            chosen["channels_last"] = auto.channels_last and chosen["amp"] is not None
+            if "amp" in given:
+                why.append(f"channels_last {'on' if chosen['channels_last'] else 'off'}: follows --amp {args.amp}")
+            elif device.type == "cuda":
+                why.append(auto.reasons[1])
+        if "fast_augment" in given:
+            chosen["fast_augment"] = given["fast_augment"]
+            why.append(f"on-device augmentation {'on' if given['fast_augment'] else 'off'}: "
+                       f"--{'' if given['fast_augment'] else 'no-'}fast-augment")
+        else:
+            chosen["fast_augment"] = auto.fast_augment and r.augment in (*augment.PRESETS, "none")
+            why.append(auto.reasons[-1] if chosen["fast_augment"] else
+                       f"loader augmentation: {r.augment} has no on-device twin (it has {', '.join(augment.PRESETS)})")
+        chosen["workers"] = given.get("workers", 0 if chosen["fast_augment"] else 2)
+        if resumed is not None:
+            why.append("note: the checkpoint predates recorded speed settings; the run ends exactly as an "
+                       "uninterrupted one only if these are the original run's")
+    args.amp, args.channels_last, args.fast_augment, args.workers = (
+        chosen["amp"], chosen["channels_last"], chosen["fast_augment"], chosen["workers"])
     return engine.RunOptions(str(device), args.amp, args.channels_last, args.fast_augment, args.compile,
                              args.workers, reasons=tuple(why))
 

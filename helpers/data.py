@@ -147,10 +147,13 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True,
 
 
 def describe_source(root, kind: str, path: Path) -> str:
-    """Where the data came from, as the user named it (never this machine's absolute path):
-    '$CIFAR10_DIR (image folder, lossy JPEG copy)', 'data (torchvision CIFAR-10)', ..."""
+    """Where the data came from, as the user named it but never with this machine's folders
+    (runinfo.public_path: '/home/me/cifar' is '.../cifar'): '$CIFAR10_DIR (image folder, lossy
+    JPEG copy)', 'data (torchvision CIFAR-10)', ..."""
+    from .runinfo import public_path
+
     if root is not None:
-        name = str(root)
+        name = public_path(root)
     elif os.environ.get("CIFAR10_DIR"):
         name = "$CIFAR10_DIR"
     else:

@@ -148,7 +148,7 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
     state = TrainingState(model, optimizer, scheduler,
                           torch.amp.GradScaler(device.type) if opt.amp == "fp16" else None,
                           EarlyStopping.make(ext.early_stopping), ext.arch or _arch_name(model),
-                          ext.config or {})
+                          ext.config or {}, options=opt.recorded())
     start = 0 if ext.resume is None else state.resume(ext.resume, epochs, log)
     steps = len(train_loader)
     for epoch in range(start, epochs):
@@ -236,6 +236,7 @@ class TrainingState:
     arch: str                                        # the model's name in helpers.models
     config: dict                                     # the recipe
     history: dict = field(default_factory=new_history)
+    options: dict = field(default_factory=dict)      # RunOptions.recorded(): precision, layout, augmentation
 
     def record(self, tr: dict, te: dict, seconds: float) -> None:
         """Append one epoch's train and test results to the history."""
@@ -250,7 +251,7 @@ class TrainingState:
         save_checkpoint(path, self.model, self.arch, optimizer=self.optimizer.state_dict(),
                         scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                        epoch=epoch, history=self.history, config=self.config,
+                        epoch=epoch, history=self.history, config=self.config, options=self.options,
                         early_stopping=self.stopper.state_dict() if self.stopper is not None else None,
                         rng=rng_state())
 
@@ -270,6 +271,11 @@ class TrainingState:
         set_rng_state(ckpt["rng"])
         if _is_main():
             log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})")
+            saved = ckpt.get("options")
+            if saved is not None and self.options and saved != self.options:
+                diffs = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.options.items() if saved.get(k) != v)
+                log(f"note: resumed with other settings than the run had ({diffs}): it will not end "
+                    "exactly as an uninterrupted run would")
         return start
 
     def restore_best(self) -> None:
@@ -445,6 +451,12 @@ class RunOptions:
     workers: int = 0                 # data-loading processes for the albumentations path
     progress: bool = True            # progress bars and one line per epoch
     reasons: tuple = ()              # why auto_options chose these, one line each
+
+    def recorded(self) -> dict:
+        """What a training checkpoint keeps of these: the settings that change a run's numbers,
+        so that a resumed run can repeat them and end exactly as an uninterrupted one."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "fast_augment": self.fast_augment,
+                "workers": self.workers}
 
     def describe(self) -> str:
         amp = self.amp or "fp32"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -60,18 +62,30 @@ def git_commit() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def public_path(path) -> str:
+    """A path as a record may print it, without the machine's folders: inside the repository,
+    relative to it; elsewhere (absolute, `~`, climbing out with `..`, a Windows drive)
+    `.../<its last part>`. A plain relative path stays as typed."""
+    text = str(path)
+    drive = re.match(r"^[A-Za-z]:[\\/]", text)
+    if not (drive or text.startswith("~") or os.path.isabs(text) or ".." in re.split(r"[\\/]", text)):
+        return text
+    full = os.path.normpath(os.path.abspath(os.path.expanduser(text)))
+    try:
+        inside = not drive and os.path.commonpath([full, str(REPO_ROOT)]) == str(REPO_ROOT)
+    except ValueError:                                   # another drive
+        inside = False
+    last = re.split(r"[\\/]", text.rstrip("/\\"))[-1]
+    return os.path.relpath(full, REPO_ROOT) if inside else ".../" + last
+
+
 def public_command(argv) -> str:
-    """The command line as a record may print it: no path of the machine that ran it. An absolute
-    path (alone or after `--flag=`) becomes relative to the repository when inside it, else
-    `.../<its last part>`."""
+    """The command line as a record may print it (shell-quoted): every path argument, alone or
+    after `--flag=`, through public_path."""
     def public(arg: str) -> str:
         flag, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-        if not os.path.isabs(value):
-            return arg
-        path = os.path.normpath(value)
-        inside = os.path.commonpath([path, str(REPO_ROOT)]) == str(REPO_ROOT)
-        return flag + eq + (os.path.relpath(path, REPO_ROOT) if inside else f".../{os.path.basename(path)}")
-    return " ".join(public(str(a)) for a in argv)
+        return flag + eq + public_path(value)
+    return shlex.join(public(str(a)) for a in argv)
 
 
 def run_info(device) -> dict:

@@ -291,8 +291,34 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
                                        "--no-fast-augment", "--workers", "1"])
     opts = speed_options(given, r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last, opts.fast_augment, opts.workers) == (None, False, False, 1)
-    assert opts.reasons == ("fp32: --amp", "channels_last off: --no-channels-last",
+    assert opts.reasons == ("fp32: --amp off", "channels_last off: --no-channels-last",
                             "on-device augmentation off: --no-fast-augment")
+    # --amp alone: channels_last follows it, and no auto reason contradicts the header
+    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--amp", "off"]), r, torch.device("cpu"))
+    assert (opts.amp, opts.channels_last) == (None, False)
+    assert opts.reasons[:2] == ("fp32: --amp off", "channels_last off: follows --amp off")
+
+
+def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
+    import torch
+
+    from helpers.cli import build_parser, speed_options
+    from helpers.config import recipe
+    from helpers.errors import ConfigError
+
+    saved = {"amp": None, "channels_last": False, "fast_augment": False, "workers": 2}   # e.g. an fp32 run
+    argv = ["train", "--model", "resnet9", "--resume", "resnet9_last.pt"]
+    opts = speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"), {"options": saved})
+    assert opts.recorded() == saved and opts.reasons == ("as the run being resumed (its checkpoint records them)",)
+    same = build_parser().parse_args(argv + ["--amp", "off", "--workers", "2"])         # flags that agree: fine
+    assert speed_options(same, recipe("resnet9"), torch.device("cpu"), {"options": saved}).recorded() == saved
+    with pytest.raises(ConfigError, match=r"^cannot resume resnet9_last.pt with other speed settings "
+                                          r"\(amp None -> 'bf16'; workers 2 -> 0\): drop those flags"):
+        speed_options(build_parser().parse_args(argv + ["--amp", "bf16", "--workers", "0"]), recipe("resnet9"),
+                      torch.device("cpu"), {"options": saved})
+    # a checkpoint from before the settings were recorded: auto, with a note
+    opts = speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"), {"epoch": 3})
+    assert opts.reasons[-1].startswith("note: the checkpoint predates recorded speed settings")
 
 
 @needs_data
@@ -331,9 +357,9 @@ def test_train_and_test_splits_can_come_from_two_folders(tmp_path, monkeypatch):
     data = load_data(a, b)
     assert len(data.train_labels) == 20 and (data.train_images == 10).all()
     assert len(data.test_labels) == 30 and (data.test_images == 200).all()
-    assert data.source == f"train: {a} (image folder); test: {b} (image folder)"
+    assert data.source == "train: .../a (image folder); test: .../b (image folder)"   # no machine path
     same = load_data(a, tmp_path / "a" / ".." / "a")                  # one folder: loaded once
-    assert len(same.test_labels) == 20 and same.source == f"{a} (image folder)"
+    assert len(same.test_labels) == 20 and same.source == ".../a (image folder)"
     only_test = load_data(None, b)                                    # both splits from the one given
     assert len(only_test.train_labels) == len(only_test.test_labels) == 30
 

@@ -10,7 +10,8 @@ both be at least 0.18 (chance is 0.10); measured: single 0.26-0.31, DDP 0.25-0.2
 seeds 0-2. They are not bit-identical, nor expected to be: each process normalises its own
 half-batch (BatchNorm statistics are per process) and the data is split differently.
 
-Settings: OMP_NUM_THREADS=1 per process (torchrun sets it too), --workers 0, --device cpu.
+Settings: OMP_NUM_THREADS=1 per process (torchrun sets it too), --workers 0, --device cpu, fp32
+and the albumentations loader (--amp off --no-fast-augment: the DistributedSampler path).
 `python -m torch.distributed.run` stands for torchrun (no PATH lookup).
 Data: $CIFAR10_DIR (relative to the repo root), else ../shared/data/cifar10-jpg; skipped without it.
 """
@@ -41,7 +42,8 @@ _env = smoke_env
 def test_torchrun_trains_with_ddp_and_matches_a_single_process(tmp_path):
     from helpers.checkpoint import load_checkpoint
 
-    train = ("-m", "helpers", "train", "--model", "resnet9", "--workers", "0", "--device", "cpu", "--serialize")
+    train = ("-m", "helpers", "train", "--model", "resnet9", "--workers", "0", "--device", "cpu", "--serialize",
+             "--amp", "off", "--no-fast-augment")      # fp32 and the DistributedSampler + albumentations path
     ddp = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          *train, "--train_batch", "64", "--checkpoints", tmp_path / "ddp"],

@@ -4,7 +4,8 @@ A run of `python -m helpers train` killed with SIGKILL right after its first epo
 checkpoint appears, then continued with `--resume`, must end with exactly the weights
 (torch.equal on every tensor) and history (every key except the wall-clock "seconds") of
 the same run left alone. What that needs, and what these tests set:
-  - the same command: flags, --seed, and SMOKE_TEST=1 (the resumed run refuses other settings);
+  - the same command: flags, --seed, and SMOKE_TEST=1 (the resumed run refuses other settings;
+    speed flags left out, here --workers, are taken from the checkpoint);
   - the CPU (--device cpu) and the same number of torch threads in every run: the tests set
     OMP_NUM_THREADS=1 (a float sum split over another thread count may round differently);
   - the same --workers: 0, or 2 worker processes (each epoch's shuffling and augmentation
@@ -96,7 +97,9 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
     done = load_checkpoint(last)["epoch"] + 1
     assert done < epochs
 
-    resume = start(*run, "--checkpoints", crash_dir, "--resume", last)   # while the full run goes on
+    # --workers left out: the resumed run takes the speed settings its checkpoint records
+    # (auto would pick 2 loader workers for compact, which changes the augmentation streams)
+    resume = start(*RUN, "--epochs", epochs, "--checkpoints", crash_dir, "--resume", last)   # while the full run goes on
     out, err = full.communicate(timeout=600)
     assert full.returncode == 0, err[-3000:]
     resumed = subprocess.CompletedProcess(resume.args, None, *resume.communicate(timeout=600))
@@ -105,6 +108,7 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
     assert f"resuming {last}: {done} of {epochs} epochs done" in resumed.stdout
     assert f"resumed after epoch {done} of {epochs} (from {last.name})" in resumed.stdout
     assert len(re.findall(rf"^epoch +\d/{epochs} ", resumed.stdout, re.M)) == epochs - done   # only the rest
+    assert "  - as the run being resumed (its checkpoint records them)" in resumed.stdout
 
     a, b = load_checkpoint(full_dir / "compact.pt"), load_checkpoint(crash_dir / "compact.pt")
     assert a["model"].keys() == b["model"].keys()
@@ -115,6 +119,7 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
     # hold the last epoch's weights, optimizer, early-stopping state and every RNG: all equal too
     la, lb = load_checkpoint(full_dir / "compact_last.pt"), load_checkpoint(last)
     assert la["epoch"] == lb["epoch"] == epochs - 1
+    assert la["options"]["workers"] == lb["options"]["workers"] == workers and la["options"]["fast_augment"] is False
     la["history"], lb["history"] = without_seconds(la["history"]), without_seconds(lb["history"])
     assert not differences(la, lb), differences(la, lb)[:10]
     assert len(a["history"]["train_loss"]) == epochs and len(a["history"]["lr"]) == epochs * 15
