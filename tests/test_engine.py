@@ -136,13 +136,14 @@ def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
                    extras=engine.FitOptions(early_stopping=3, checkpoint_path=path, config={"seed": 0}))
         ckpt = torch.load(path, weights_only=True)
         assert list(ckpt) == ["format", "arch", "model", "optimizer", "scheduler", "scaler", "epoch", "history",
-                              "config", "early_stopping", "rng"]
+                              "config", "options", "early_stopping", "rng"]
         assert list(ckpt["history"]) == ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
         assert len(ckpt["history"]["lr"]) == 2 and len(ckpt["history"]["test_acc"]) == 1
         assert (ckpt["arch"], ckpt["epoch"], ckpt["config"], ckpt["scheduler"]) == ("compact", 0, {"seed": 0}, None)
         assert ckpt["early_stopping"]["patience"] == 3 and ckpt["early_stopping"]["best_epoch"] == 0
         assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
         assert (ckpt["scaler"] is None) == (amp is None), amp
+        assert ckpt["options"] == {"amp": amp, "channels_last": False, "fast_augment": False, "workers": 0}
 
 
 def test_early_stopping_takes_a_patience_or_an_instance():
