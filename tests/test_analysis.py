@@ -94,3 +94,39 @@ def test_study_and_grad_cam_figures_draw():
                                [f"c{i}" for i in range(10)])
     assert len(fig.axes) == 6 and fig.axes[1].get_title() == "for pred: c1"
     plots.close(fig)
+
+
+def test_predict_collects_logits_probabilities_and_per_image_losses():
+    """Predictions line up with the images: probabilities are the softmax, preds the argmax,
+    losses each image's cross-entropy."""
+    torch.manual_seed(0)
+    model = get_model("compact").eval()
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 24)
+    pred = analysis.predict(model, images, labels, MEAN, STD, batch_size=10)    # 3 batches, the last partial
+    logits = torch.from_numpy(pred.logits)
+    assert pred.logits.shape == (24, 10) and np.array_equal(pred.labels, labels)
+    assert np.allclose(pred.probs, torch.softmax(logits, 1).numpy(), atol=1e-6)
+    assert np.array_equal(pred.preds, pred.logits.argmax(1))
+    want = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), reduction="none").numpy()
+    assert np.allclose(pred.losses, want, atol=1e-5)
+    assert pred.accuracy == pytest.approx((pred.preds == labels).mean())
+
+
+def test_misclassified_by_loss_lists_only_wrong_answers_most_confident_first():
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.05, 0.9, 0.05], [0.3, 0.3, 0.4]], np.float32))
+    labels = np.array([0, 0, 2, 2])          # right, wrong (p 0.1), wrong (p 0.05), right
+    probs = np.exp(logits)
+    pred = analysis.Predictions(logits, labels, probs, probs.argmax(1), -np.log(probs[np.arange(4), labels]))
+    assert list(analysis.misclassified_by_loss(pred)) == [2, 1]
+    assert list(analysis.misclassified_by_loss(pred, k=1)) == [2]
+
+
+def test_confusion_matrix_and_top_confused_pairs():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 0, 0, 0, 1, 2, 1])
+    cm = analysis.confusion_matrix(labels, preds, 3)
+    assert cm.tolist() == [[1, 2, 0], [3, 1, 0], [0, 1, 1]]          # rows: true class
+    assert analysis.top_confused_pairs(cm, ("a", "b", "c")) == [("b", "a", 3), ("a", "b", 2), ("c", "b", 1)]
+    assert analysis.top_confused_pairs(cm, ("a", "b", "c"), k=1) == [("b", "a", 3)]
+    assert analysis.top_confused_pairs(np.eye(3, dtype=int), "abc") == []   # no mistakes, no pairs

@@ -81,7 +81,7 @@ def trained(request, tmp_path_factory):
     model = request.param
     root = tmp_path_factory.mktemp(f"cli-{model}")
     dropout = ("--dropout", "0.2") if model == "resnet9" else ()       # resnet9 only
-    proc = cli("train", "--model", model, "--epochs", "1", "--workers", "0", "--serialize",
+    proc = cli("train", "--model", model, "--epochs", "1", "--workers", "0", "--serialize", "--device", "cpu",
                "--weight-decay", "1e-4", *dropout, "--checkpoints", root / "models")
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = float(printed(r"^test accuracy: (\d\.\d{4}) \(loss [\d.]+\) on 500 images", proc.stdout))
@@ -138,7 +138,7 @@ def test_train_writes_checkpoints_history_and_curves(trained):
 def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
     from helpers.data import CLASSES
 
-    proc = cli("test", "--model", trained.final, "--cm", "--out", tmp_path / "out")
+    proc = cli("test", "--model", trained.final, "--cm", "--out", tmp_path / "out", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     m = re.search(r"^test accuracy: (\d\.\d{4}) \((\d+)/500 correct\)", out, re.M)
@@ -293,6 +293,14 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
     assert (opts.amp, opts.channels_last, opts.fast_augment, opts.workers) == (None, False, False, 1)
     assert opts.reasons == ("fp32: --amp off", "channels_last off: --no-channels-last",
                             "on-device augmentation off: --no-fast-augment")
+    # one flag alone: its reason says so, the others keep their auto reasons
+    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-channels-last"]), r,
+                         torch.device("cpu"))
+    assert (opts.amp, opts.channels_last) == (auto.amp, False)
+    assert "channels_last off: --no-channels-last" in opts.reasons
+    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-fast-augment"]), r,
+                         torch.device("cpu"))
+    assert not opts.fast_augment and opts.workers == 2 and opts.reasons[-1] == "on-device augmentation off: --no-fast-augment"
     # --amp alone: channels_last follows it, and no auto reason contradicts the header
     opts = speed_options(build_parser().parse_args(["train", "--model", model, "--amp", "off"]), r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last) == (None, False)
@@ -323,7 +331,7 @@ def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
 
 @needs_data
 def test_smoke_run_saves_under_artifacts_smoke_not_over_a_full_runs_model(tmp_path):
-    proc = cli("train", "--model", "compact", "--dry-run", "--serialize", cwd=tmp_path)
+    proc = cli("train", "--model", "compact", "--dry-run", "--serialize", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^device cpu: (bf16|fp32), channels_last (on|off), on-device augmentation off$",
                      proc.stdout, re.M), proc.stdout[:2000]
@@ -513,11 +521,8 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
         "unwritable predict --plot": (("predict", "--model", weights, tmp / "img.png", "--plot", tmp / "file.txt" / "p.png"), {}, 1,
                                       r"cannot write to .*file.txt \(.+\): choose a writable folder with --plot$"),
     }
-    from helpers.config import SHIPPED_MODEL
-
-    if not SHIPPED_MODEL.is_file():
-        cases["no default model"] = (("predict", tmp / "img.png"), {"cwd": tmp / "cwd"}, 1,
-                                     r"^error: no trained model: none of .*pass --model PATH")
+    cases["no default model"] = (("predict", tmp / "img.png"), {"cwd": tmp / "cwd", "shipped": tmp / "none.pt"}, 1,
+                                 r"^error: no trained model: none of .*pass --model PATH")
     if os.geteuid() != 0:                         # root ignores permissions
         (tmp / "readonly").mkdir()
         (tmp / "readonly").chmod(0o555)
@@ -547,7 +552,7 @@ ERROR_NAMES = ["unknown model", "zero epochs", "negative epochs alias", "negativ
 # stderr holding nothing but the error line, and no traceback.
 IN_SUBPROCESS = ["unknown model", "zero epochs", "negative lr", "peak beyond epochs", "dropout out of range", "wrong train path",
                  "wrong CIFAR10_DIR", "resume other arch", "truncated checkpoint (test)", "non-image file",
-                 "unwritable checkpoints", "no default model"]
+                 "unwritable checkpoints"]
 
 
 class _Proc:
@@ -555,9 +560,14 @@ class _Proc:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def run_in_process(argv, capsys, monkeypatch, env=None, cwd=None) -> _Proc:
-    """helpers.cli.main(argv) in this process, with the environment the subprocesses get."""
+def run_in_process(argv, capsys, monkeypatch, env=None, cwd=None, shipped=None) -> _Proc:
+    """helpers.cli.main(argv) in this process, with the environment the subprocesses get;
+    `shipped` stands in for the shipped model's path (a missing file: no shipped model)."""
+    from helpers import config
     from helpers.cli import main
+
+    if shipped is not None:
+        monkeypatch.setattr(config, "SHIPPED_MODEL", Path(shipped))
 
     monkeypatch.setenv("SMOKE_TEST", "1")
     monkeypatch.setenv("CIFAR10_DIR", str(DATA))
@@ -577,7 +587,7 @@ def run_in_process(argv, capsys, monkeypatch, env=None, cwd=None) -> _Proc:
 @pytest.mark.parametrize("name", ERROR_NAMES)
 def test_errors_are_one_line_without_traceback(error_cases, name, capsys, monkeypatch):
     if name not in error_cases:
-        pytest.skip("a shipped model exists" if name == "no default model" else "running as root ignores permissions")
+        pytest.skip("running as root ignores permissions")
     argv, opts, status, pattern = error_cases[name]
     assert_fails(run_in_process(argv, capsys, monkeypatch, **opts), status, pattern)
 
@@ -641,12 +651,16 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
 
 def test_public_command_keeps_no_path_of_the_machine():
     from helpers.config import REPO_ROOT
-    from helpers.runinfo import public_command
+    from helpers.runinfo import public_command, public_path
 
     argv = ["python", "-m", "helpers", "train", "--checkpoints", "/scratch/me/runs/compact", "--lr", "-1e-3",
             f"--out={REPO_ROOT / 'results' / 'x.json'}", "models/resnet9.pt", str(REPO_ROOT / "models")]
     assert public_command(argv) == ("python -m helpers train --checkpoints .../compact --lr -1e-3 "
                                     "--out=results/x.json models/resnet9.pt models")
+    # a home folder, a climb out of the repository, a Windows drive; an argument with a space stays one
+    assert public_command(["--train_path", "~/data/cifar10", "../../shared/cifar10-jpg", "C:\\data\\cifar",
+                           "/home/me/my data"]) == "--train_path .../cifar10 .../cifar10-jpg .../cifar '.../my data'"
+    assert public_path("data") == "data" and public_path(REPO_ROOT / "notebooks" / "..") == "."
 
 
 def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):

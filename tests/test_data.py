@@ -184,11 +184,15 @@ def test_real_dataset_has_full_counts_per_class_and_reloads_from_cache(real_data
     assert real_data.test_images.shape == (10_000, 32, 32, 3)
     assert set(real_data.counts("train").values()) == {5000}
     assert set(real_data.counts("test").values()) == {1000}
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path}: the cache was not used")
+
+    monkeypatch.setattr(D, "_decode", no_decoding)      # the reload must come from the cache alone
     t0 = time.perf_counter()
     again = D.load_cifar10(real_data_dir(), download=False, expect_full=True)
-    elapsed = time.perf_counter() - t0
-    print(f"cached load of the full dataset: {elapsed:.2f} s")
+    print(f"cached load of the full dataset: {time.perf_counter() - t0:.2f} s")
     assert np.array_equal(again.test_labels, real_data.test_labels)
+    assert np.array_equal(again.train_images[::997], real_data.train_images[::997])
 
 
 @pytest.mark.skipif(real_data_dir() is None, reason="no local CIFAR-10 copy")

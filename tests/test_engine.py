@@ -146,6 +146,54 @@ def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
         assert ckpt["options"] == {"amp": amp, "channels_last": False, "fast_augment": False, "workers": 0}
 
 
+def test_resume_under_other_speed_settings_says_it_will_not_end_identically(small_data, tmp_path):
+    """The checkpoint records RunOptions.recorded(); resuming with others trains on, with a note."""
+    tf = test_transforms(small_data.mean, small_data.std)
+    train = make_loader(small_data.train_images[:16], small_data.train_labels[:16], tf, batch_size=8, shuffle=True)
+    test = make_loader(small_data.test_images[:8], small_data.test_labels[:8], tf, batch_size=8)
+    path, lines = tmp_path / "compact_last.pt", []
+
+    def run(epochs, workers, resume=None):
+        torch.manual_seed(0)
+        model = get_model("compact")
+        opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
+        engine.fit(model, train, test, opt, epochs, log=lines.append,
+                   options=engine.RunOptions("cpu", workers=workers, progress=False),
+                   extras=engine.FitOptions(checkpoint_path=path, resume=resume))
+
+    run(1, workers=0)
+    run(2, workers=0, resume=path)                       # the same settings: no note
+    assert not [line for line in lines if line.startswith("note:")]
+    assert torch.load(path, weights_only=True)["options"]["workers"] == 0
+    run(3, workers=3, resume=path)
+    assert ("note: resumed with other settings than the run had (workers 0 -> 3): it will not end "
+                         "exactly as an uninterrupted run would") in lines
+    assert torch.load(path, weights_only=True)["epoch"] == 2   # and it trained on
+
+
+def test_resumable_accepts_the_same_recipe_and_refuses_another_saying_why(small_data, tmp_path):
+    """What notebooks 04 and 06 resume from: the same recipe (a test batch size may differ), else
+    a fresh start with one line that names the difference."""
+    from helpers.checkpoint import resumable
+
+    r = recipe("compact", smoke=True)
+    tf = test_transforms(small_data.mean, small_data.std)
+    train = make_loader(small_data.train_images[:16], small_data.train_labels[:16], tf, batch_size=8, shuffle=True)
+    path, said = tmp_path / "compact_last.pt", []
+    assert resumable(path, r, said.append) is None and said == []            # no file yet: nothing to say
+    model = get_model("compact")
+    engine.fit(model, train, train, engine.make_optimizer("nadam", model.parameters(), r.lr), 1,
+               options=engine.RunOptions("cpu", progress=False),
+               extras=engine.FitOptions(checkpoint_path=path, config=r.to_dict()))
+    assert resumable(path, r, said.append) == path
+    assert resumable(path, r.replace(test_batch_size=r.test_batch_size * 2), said.append) == path   # RESUME_FREE
+    assert said == []
+    assert resumable(path, r.replace(lr=0.1), said.append) is None
+    assert said == ["starting afresh: cannot resume compact_last.pt with other settings (lr 0.0025 -> 0.1): "
+                    "repeat the original run's flags (and SMOKE_TEST), or start a new run without --resume"]
+    assert resumable(path, recipe("vgg", smoke=True), said.append) is None and "holds a compact model" in said[-1]
+
+
 def test_early_stopping_takes_a_patience_or_an_instance():
     assert engine.EarlyStopping.make(None) is None
     stopper = engine.EarlyStopping(3)

@@ -97,6 +97,13 @@ def test_seed_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch(tm
         json.dumps(row) + "\n" + json.dumps(dict(row, config="fast", settings={"recipe": "fast", "smoke": False})) + "\n")
     assert speed.seed_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
                                         "results/reference_runs.jsonl: resnet9-fast, a CPU, commit abc"}
+    # a row with the median epoch (a resumed run) is read by its median, not its mean
+    (tmp_path / "results" / "reference_runs.jsonl").write_text(json.dumps(dict(row, epoch_seconds_median=410.0)) + "\n")
+    assert speed.seed_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
+    # a smoke run of notebook 04 in artifacts/ is no measurement
+    save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=True,
+                    history={"seconds": [2.0, 2.0]})
+    assert speed.seed_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
     # notebook 04's own run wins; an epoch slowed by a pause (3,000 s) does not count
     save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=False,
                     history={"seconds": [400.0, 3000.0, 410.0, 405.0]})
