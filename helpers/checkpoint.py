@@ -138,6 +138,12 @@ def export_fp16(path, out, **record) -> Path:
 RESUME_FREE = {"test_batch_size", "notes"}
 
 
+def setting_changes(saved: dict, now: dict, ignore=()) -> list[str]:
+    """'name old -> new' for each setting in `now` that differs from the one `saved` (a
+    checkpoint's recipe or speed settings) holds: what a resume names when it refuses or warns."""
+    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ignore and saved.get(k) != v]
+
+
 def check_resume(path, recipe) -> dict:
     """The training state at `path`, if a run of `recipe` may continue from it. Refused with a
     one-line error: another architecture or weights only (CheckpointError), or other settings
@@ -154,7 +160,7 @@ def check_resume(path, recipe) -> dict:
                               f"{Path(path).parent / (recipe.model + '_last.pt')} or start a new run")
     # a field the checkpoint predates had its default value then
     saved, now = {**Recipe().to_dict(), **(ckpt.get("config") or {})}, recipe.to_dict()
-    diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_FREE and saved[k] != now[k]]
+    diffs = setting_changes(saved, now, RESUME_FREE)
     if diffs:
         raise ConfigError(f"cannot resume {path} with other settings ({'; '.join(diffs)}): repeat the "
                           "original run's flags (and SMOKE_TEST), or start a new run without --resume")

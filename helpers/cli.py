@@ -327,15 +327,14 @@ def speed_options(args, r, device, resumed: dict | None = None):
     run takes the settings its checkpoint records (a flag that contradicts one is refused);
     otherwise each flag left out is what engine.auto_options picks for the device. args gets the
     resolved values, which the history records."""
-    from . import augment, engine
+    from . import augment, checkpoint, engine
 
     given = {} if args.amp == "auto" else {"amp": None if args.amp == "off" else args.amp}
     given.update({k: getattr(args, k) for k in ("channels_last", "fast_augment", "workers")
                   if getattr(args, k) is not None})
     saved = (resumed or {}).get("options")
     if saved is not None:
-        diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k in saved and saved[k] != v]
-        if diffs:
+        if diffs := checkpoint.setting_changes(saved, given):
             raise ConfigError(f"cannot resume {args.resume} with other speed settings ({'; '.join(diffs)}): drop "
                               "those flags (a resumed run keeps its own) or start a new run without --resume")
         chosen, why = dict(saved), ["as the run being resumed (its checkpoint records them)"]

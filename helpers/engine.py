@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from . import augment as aug
 from .analysis import autocast, predict_logits, to_device
-from .checkpoint import check_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from .checkpoint import (check_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setting_changes,
+                         unwrap)
 from .config import Recipe
 from .data import CIFAR10Data, DeviceLoader, make_loader
 from .errors import CheckpointError, ConfigError, DivergenceError, require_positive, require_whole
@@ -272,9 +273,8 @@ class TrainingState:
         if _is_main():
             log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})")
             saved = ckpt.get("options")
-            if saved is not None and self.options and saved != self.options:
-                diffs = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.options.items() if saved.get(k) != v)
-                log(f"note: resumed with other settings than the run had ({diffs}): it will not end "
+            if saved is not None and (changes := setting_changes(saved, self.options)):
+                log(f"note: resumed with other settings than the run had ({'; '.join(changes)}): it will not end "
                     "exactly as an uninterrupted run would")
         return start
 
