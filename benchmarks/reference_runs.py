@@ -72,7 +72,7 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
     n_train = len(data.split_validation(r.val_split, r.seed)[1] if r.val_split > 0 else data.train_labels)
     return {"config": args.config, "about": about, "seed": seed, "device_type": device.type, "settings": settings,
             "test_acc": run["test"]["acc"], "test_loss": run["test"]["loss"], "epochs_run": len(h["test_acc"]),
-            "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
+            "best_epoch": best_epoch(h), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
             "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,
             "images_per_s": len(h["test_acc"]) * n_train / wall, "data": data.source,
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -86,6 +86,13 @@ def config_label(recipe_name: str, settings: dict) -> str:
             return name
     on = [settings.get("amp") or "fp32"] + [k for k in ("channels_last", "fast_augment") if settings.get(k)]
     return f"{recipe_name} ({', '.join(on)})"
+
+
+def best_epoch(history: dict) -> int | None:
+    """The epoch whose weights early stopping kept, counted from 1 as the log prints it
+    (the history counts from 0); None without early stopping."""
+    best = history.get("best_epoch", -1)
+    return best + 1 if best is not None and best >= 0 else None
 
 
 def record_row(path: Path) -> dict:
@@ -110,7 +117,7 @@ def record_row(path: Path) -> dict:
                          "world_size": rec.get("world_size", 1),
                          "epochs_override": r["epochs"] if "epochs" in overrides else None},
             "test_acc": rec["test"]["acc"], "test_loss": rec["test"]["loss"], "epochs_run": epochs,
-            "best_epoch": h.get("best_epoch"), "final_train_acc": h["train_acc"][-1],
+            "best_epoch": best_epoch(h), "final_train_acc": h["train_acc"][-1],
             "wall_seconds": None if resumed else wall, "epoch_seconds_mean": float(np.mean(h["seconds"])),
             "epoch_seconds_median": median, "train_images": n_train,
             "images_per_s": n_train / median if resumed else epochs * n_train / wall,
@@ -157,7 +164,8 @@ def readme_text(path: Path) -> str:
              "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at its 93.5 % target, "
              "and what each showed.", "- `fast_ablation.md`/`.json`: the fast recipe's ablation, one ingredient left out per "
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
-             "settings on a CPU (the shipped model), epoch by epoch.", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
+             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]

@@ -637,6 +637,7 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     rec["history"]["seconds"] = [40.0, 3000.0, 50.0]        # the middle epoch was cut by a session's end
     for key in ("train_acc", "test_acc"):
         rec["history"][key] = rec["history"][key] * 3
+    rec["history"]["best_epoch"] = 1                         # early stopping kept the second epoch
     path = tmp_path / "compact_history.json"
     path.write_text(json.dumps(rec))
     out = tmp_path / "runs.jsonl"
@@ -645,6 +646,7 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text().splitlines()[0])
     assert row["wall_seconds"] is None and row["epochs_run"] == 3 and row["epoch_seconds_median"] == 50.0
+    assert row["best_epoch"] == 2                            # counted from 1, as the log prints it
     assert row["images_per_s"] == pytest.approx(row["train_images"] / 50.0)
     assert "Wall seconds `-`: a run resumed across sessions" in out.with_suffix(".md").read_text()
 

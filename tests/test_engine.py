@@ -329,6 +329,7 @@ def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp
 SHIPPED = {   # file -> (architecture, size limit in MB, least accuracy on the stratified 1,000 test images)
     "resnet9_cifar10.pt": ("resnet9", 14, 0.88),     # seed 001's recipe, notebook 04's full run
     "fast_cifar10.pt": ("fast", 5, 0.86),            # the fast recipe, seed 1
+    "compact_cifar10.pt": ("compact", 3, 0.84),      # seed 004's recipe, its CLI run
 }
 
 
