@@ -165,7 +165,8 @@ def readme_text(path: Path) -> str:
              "and what each showed.", "- `fast_ablation.md`/`.json`: the fast recipe's ablation, one ingredient left out per "
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
-             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
+             "recipe run by the command line at full settings on a CPU (not shipped: 70 MB in fp16).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]
