@@ -270,9 +270,12 @@ def train_recipe(args):
 
 def _start(args, name, r, data, info, resumed, last) -> tuple[dict, list[str]]:
     """The record <model>_history.json keeps of a run (results to come), and what the run says as it starts."""
+    from .engine import input_stats
+
     n, n_val = info.world_size, int(round(r.val_split * len(data.train_labels) / 10)) * 10 if r.val_split else 0
+    mean, std = input_stats(r, data)                  # what the saved model's inputs are normalised with
     d = {"source": data.source, "train_images": len(data.train_labels) - n_val, "validation_images": n_val,
-         "test_images": len(data.test_labels), "mean": list(map(float, data.mean)), "std": list(map(float, data.std))}
+         "test_images": len(data.test_labels), "mean": list(map(float, mean)), "std": list(map(float, std))}
     folder = Path(args.checkpoints).expanduser()
     rec = {"model": r.model, "recipe": name, "config": r.to_dict(), **run_info(info.device), "world_size": n,
            "effective_batch": n * r.batch_size, "data": d, "resumed_from": str(args.resume) if args.resume else None,

@@ -66,6 +66,8 @@ class Recipe:
     tta_flip: bool = False           # average predictions over the image and its mirror
     tta_shift: int = 0               # ... and over copies shifted by this many pixels (0: none)
     whiten: bool = True              # fast net only: its first layer computed from the data (False: learned)
+    normalize: bool = True           # standardise inputs with the training set's channel mean/std
+                                     # (False: pixels scaled to [0, 1] only, as torchvision's ToTensor)
     seed: int = 0
     notes: str = ""
 
@@ -94,6 +96,8 @@ class Recipe:
         if not self.logit_scale > 0 or (self.logit_scale != 1.0 and self.model != "resnet9"):
             raise ConfigError(f"logit_scale must be > 0 and is an option of resnet9 only, got "
                               f"{self.logit_scale!r} for {self.model}")
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be True or False, got {self.normalize!r}")
         if not self.whiten and self.model != "fast":
             raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:

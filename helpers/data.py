@@ -75,6 +75,22 @@ class CIFAR10Data:
         sub.__dict__["stats"] = self.stats
         return sub
 
+    def validation_subset(self, train_per_class: int, val_per_class: int, seed: int = 0) -> "CIFAR10Data":
+        """Two disjoint, seeded, stratified samples of the *training* images: `train_per_class`
+        to train on and `val_per_class` to score on, in the test slots. The test images are
+        left out entirely, so that a choice made on this subset never sees them."""
+        picked = stratified_indices(self.train_labels, train_per_class + val_per_class, seed)
+        rng = np.random.default_rng(seed + 1)
+        val = np.sort(np.concatenate([rng.choice(picked[self.train_labels[picked] == c], val_per_class, replace=False)
+                                      for c in np.unique(self.train_labels)]))
+        tr = np.setdiff1d(picked, val)
+        sub = CIFAR10Data(self.train_images[tr], self.train_labels[tr], self.train_images[val],
+                          self.train_labels[val], self.classes,
+                          f"{self.source} (training images: {train_per_class} per class to train, "
+                          f"{val_per_class} per class held out for validation, seed {seed})")
+        sub.__dict__["stats"] = self.stats
+        return sub
+
     def smoke_subset(self, seed: int = 0) -> "CIFAR10Data":
         """The small real-data subset that smoke mode (SMOKE_TEST=1) trains on."""
         return self.subset(config.SMOKE_TRAIN_PER_CLASS, config.SMOKE_TEST_PER_CLASS, seed)

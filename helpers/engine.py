@@ -342,10 +342,16 @@ def _from_rank0(value):
 # ----------------------------------------------------------------------------------------
 # train: a whole recipe from helpers.config, as the CLI and notebook 04 run it
 # ----------------------------------------------------------------------------------------
+def input_stats(recipe: Recipe, data: CIFAR10Data) -> tuple[tuple, tuple]:
+    """The (mean, std) a recipe's inputs are normalised with: the training set's channel
+    statistics, or (0, 1) per channel for a recipe that feeds pixels in [0, 1] unchanged."""
+    return (data.mean, data.std) if recipe.normalize else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
 def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distributed: bool = False):
     """(train_loader, eval_loader, test_loader) for a recipe. The eval loader is a stratified
     validation split of the training set when recipe.val_split > 0, else the test set."""
-    mean, std = data.mean, data.std
+    mean, std = input_stats(recipe, data)
     train_x, train_y = data.train_images, data.train_labels
     val_x, val_y = data.test_images, data.test_labels
     if recipe.val_split > 0:
