@@ -38,16 +38,21 @@ from .models import FastNet, get_model, init_whitening
 # ----------------------------------------------------------------------------------------
 # The training loop: one epoch
 # ----------------------------------------------------------------------------------------
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn=None,
+GUARD_WINDOW = 20          # the divergence guard reads the losses back once per this many steps
+DIVERGENCE_FACTOR = 10.0   # ... and stops a run whose loss climbs past this many times its start
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn=None, *,
                     options: RunOptions | None = None, scaler=None, first_step: int = 0,
-                    desc: str = "train") -> dict:
+                    guard: DivergenceGuard | None = None, desc: str = "train") -> dict:
     """One pass over `loader` on the model's device, stepping the scheduler once per batch.
 
     Returns {"loss", "acc", "lr": [the LR of every step]}. `options` gives the precision,
     memory layout and progress bar; `scaler` is fp16's grad scaler (fit makes one);
-    `first_step` numbers the steps for the divergence guard.
+    `first_step` numbers the steps for the divergence guard, which `fit` keeps for the whole run.
     """
     opt = options or RunOptions()
+    guard = guard or DivergenceGuard()
     device = next(model.parameters()).device                           # the batches go where the model is
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     model.train()
@@ -61,7 +66,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
         with autocast(device, opt.amp):          # bf16/fp16 where options.amp asks for it
             out = model(x)
             loss = loss_fn(out, y)
-        _check_finite(loss, first_step + step, lr, lrs)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()                      # the gradients ...
@@ -76,22 +80,60 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
         total_loss += loss.detach().double() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        if opt.progress and (step % 10 == 0 or step == len(loader) - 1):
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{lr:.2e}")
+        if guard.add(loss, first_step + step, lr) and opt.progress:     # the guard read the losses back:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}",      # showing them costs no extra wait
+                            acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.2e}")
+    guard.check()                                # the epoch's last losses, before anything is saved
     mean_loss, acc = _mean_over_ranks(total_loss, correct, seen)
     return {"loss": mean_loss, "acc": acc, "lr": lrs}
 
 
-def _check_finite(loss: torch.Tensor, step: int, lr: float, lrs: list) -> None:
-    """The divergence guard: a NaN or infinite loss raises DivergenceError at once, naming
-    the step and the LR (and the LR of the step before, where that was another)."""
-    if torch.isfinite(loss):
-        return
-    before = f", after a step at LR {lrs[-1]:.3g}" if lrs and lrs[-1] != lr else ""
-    raise DivergenceError(
-        f"loss became {loss.item()} at step {step} (LR {lr:.3g}{before}): "
-        f"the LR is too high; try a lower one, e.g. {max([lr] + lrs[-1:]) / 10:.3g}")
+class DivergenceGuard:
+    """Stops a run whose loss has diverged: raises DivergenceError, naming the step and the
+    LR, when a loss is NaN or infinite, or when it exceeds DIVERGENCE_FACTOR times the mean
+    loss of the run's first GUARD_WINDOW steps (a run that learns never climbs that far above
+    where it started; a too-high LR does, often to 1e10 and beyond, before any NaN).
+
+    The losses stay on the device and are read back once every GUARD_WINDOW steps and at the
+    end of each epoch, so the loop never waits for the device step by step.
+    """
+
+    def __init__(self, window: int = None, factor: float = None):
+        self.window = window or GUARD_WINDOW
+        self.factor = factor or DIVERGENCE_FACTOR
+        self.reference: float | None = None       # the mean loss of the first window
+        self.pending: list = []                    # (loss tensor, step, lr) not yet read back
+        self.last_lr: float | None = None
+
+    def add(self, loss: torch.Tensor, step: int, lr: float) -> bool:
+        """Keep one step's loss; check when a window is full. True when it checked."""
+        self.pending.append((loss.detach(), step, lr))
+        if len(self.pending) < self.window:
+            return False
+        self.check()
+        return True
+
+    def check(self) -> None:
+        """Read the pending losses back (one wait on the device) and raise if any diverged."""
+        if not self.pending:
+            return
+        values = torch.stack([p[0].float() for p in self.pending]).tolist()
+        steps, lrs = [p[1] for p in self.pending], [p[2] for p in self.pending]
+        self.pending = []
+        if self.reference is None and all(math.isfinite(v) for v in values):
+            self.reference = sum(values) / len(values)
+        for value, step, lr in zip(values, steps, lrs):
+            before = f", after a step at LR {self.last_lr:.3g}" if self.last_lr not in (None, lr) else ""
+            worst = max(lr, self.last_lr or lr)
+            if not math.isfinite(value):
+                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): "
+                                      f"the LR is too high; try a lower one, e.g. {worst / 10:.3g}")
+            if self.reference is not None and value > self.factor * self.reference:
+                raise DivergenceError(
+                    f"loss grew to {value:.3g} at step {step} (LR {lr:.3g}{before}), over {self.factor:g}x "
+                    f"the {self.reference:.3g} of the run's first steps: the LR is too high; "
+                    f"try a lower one, e.g. {worst / 10:.3g}")
+            self.last_lr = lr
 
 
 def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
@@ -151,13 +193,14 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
                           EarlyStopping.make(ext.early_stopping), ext.arch or _arch_name(model),
                           ext.config or {}, options=opt.recorded())
     start = 0 if ext.resume is None else state.resume(ext.resume, epochs, log)
-    steps = len(train_loader)
+    steps, guard = len(train_loader), DivergenceGuard()
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)        # the epoch's shuffle and augmentation: f(seed, epoch)
-        tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn, opt, state.scaler,
-                             epoch * steps, f"epoch {epoch + 1}/{epochs}")
+        tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn, options=opt,
+                             scaler=state.scaler, first_step=epoch * steps, guard=guard,
+                             desc=f"epoch {epoch + 1}/{epochs}")
         stop = False
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
             te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, progress=opt.progress)

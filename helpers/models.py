@@ -167,6 +167,7 @@ class FastNet(nn.Module):
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.output_scale = output_scale
+        self._ready = False                            # True once a training forward found the filters set
 
     def learn_first_layer(self) -> "FastNet":
         """No whitening: the first layer's filters are trained like any other weights."""
@@ -174,9 +175,11 @@ class FastNet(nn.Module):
         return self
 
     def forward(self, x):
-        if self.training and not (self.whitened or self.whiten.weight.requires_grad):
-            raise ConfigError("the fast net's whitening filters are not set: call "
-                              "helpers.models.init_whitening(model, training_images) first (engine.train does)")
+        if self.training and not self._ready:        # checked once: reading the buffer waits on the device
+            if not (self.whitened or self.whiten.weight.requires_grad):
+                raise ConfigError("the fast net's whitening filters are not set: call "
+                                  "helpers.models.init_whitening(model, training_images) first (engine.train does)")
+            self._ready = True
         x = self.groups(self.act(self.whiten(x)))
         return self.fc(torch.flatten(self.pool(x), 1)) * self.output_scale
 
