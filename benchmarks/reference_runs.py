@@ -126,6 +126,29 @@ def record_row(path: Path) -> dict:
             **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
 
 
+def gpu_rows(path: Path) -> list[dict]:
+    """Results rows for the runs of one `benchmarks/gpu_run.py` record (results/gpu_runs.json):
+    its wall seconds are the whole run, the data load included; images/s from the median epoch."""
+    rec = json.loads(Path(path).read_text())
+    rows = []
+    for part in rec["parts"].values():
+        if "recipe" not in part or "acc" not in part or part.get("epochs") is None:
+            continue                                   # the profiles, the anchor, skipped parts
+        r = recipe(part["recipe"], smoke=rec["smoke"], **part["changes"])
+        overrides = {k: v for k, v in part["changes"].items() if k != "seed"}
+        label = config_label(part["recipe"], dict(FAST)) + "".join(f", {k} {v}" for k, v in overrides.items())
+        rows.append({"config": label, "about": r.notes, "seed": r.seed, "device_type": "cuda",
+                     "settings": {"recipe": part["recipe"], **FAST, "compile": False, "workers": 0,
+                                  "smoke": rec["smoke"], "overrides": overrides, "epochs_override": None},
+                     "test_acc": part["acc_in_run"], "epochs_run": part["epochs"], "best_epoch": None,
+                     "wall_seconds": part["whole_s"], "epoch_seconds_median": float(np.median(part["epoch_s"])),
+                     "train_images": part["train_images"], "images_per_s": part["img_per_s_median_epoch"],
+                     "data": rec["data"]["source"], "peak_gpu_memory_bytes": part["peak_memory_gib"] * 2**30,
+                     "recipe": r.to_dict(), "command": "bash benchmarks/gpu_run.sh",
+                     **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}})
+    return rows
+
+
 def groups(path: Path) -> list[list[dict]]:
     """The JSON lines grouped by configuration, device, torch and settings; one run per seed (the latest)."""
     out = {}
@@ -166,7 +189,9 @@ def readme_text(path: Path) -> str:
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
              "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
-             "recipe run by the command line at full settings on a CPU (not shipped: 70 MB in fp16).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             "recipe run by the command line at full settings on a CPU (not shipped: 70 MB in fp16).", "- `gpu_runs.md`/`.json` "
+             "(+ `gpu_run_log.txt`): the recipes and the airbench94 anchor on one H200, with a profile of the train step "
+             "(`benchmarks/gpu_run.sh`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]
@@ -203,10 +228,12 @@ def parse_args(argv=None):
     p.add_argument("--readme-only", action="store_true", help="only regenerate the markdown from --out")
     p.add_argument("--record", metavar="JSON", nargs="+", help="add finished `python -m helpers train` runs to --out "
                    "from the <model>_history.json each wrote, then regenerate the markdown")
+    p.add_argument("--record-gpu", metavar="JSON", help="add the runs of a `benchmarks/gpu_run.py` record "
+                   "(results/gpu_runs.json) to --out, then regenerate the markdown")
     p.add_argument("--progress", action="store_true", help="show progress bars and per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="smoke mode (as SMOKE_TEST=1) on the CPU")
     args = p.parse_args(argv)
-    args.smoke = (args.dry_run or smoke_mode()) and not args.record
+    args.smoke = (args.dry_run or smoke_mode()) and not (args.record or args.record_gpu)
     args.out = Path(args.out or (Path(tempfile.gettempdir()) / "reference_runs_smoke.jsonl" if args.smoke else OUT))
     args.readme = README if args.out.resolve() == OUT else args.out.with_suffix(".md")
     args.seeds = list(dict.fromkeys(args.seeds or ([0] if args.smoke else [0, 1, 2])))   # each seed once
@@ -222,9 +249,9 @@ def write_readme(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.record:
-        for path in args.record:
-            emit(record_row(path), args.out)
+    if args.record or args.record_gpu:
+        for row in [record_row(path) for path in args.record or []] + (gpu_rows(args.record_gpu) if args.record_gpu else []):
+            emit(row, args.out)
         write_readme(args)
         return
     if not args.readme_only:
