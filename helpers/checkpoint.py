@@ -9,6 +9,7 @@ Only plain types and tensors are stored, so it loads with torch.load(weights_onl
 """
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def save_checkpoint(path, model: nn.Module | dict, arch: str, **fields) -> Path:
             torch.save(state, f)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror or e}): "
-                              "choose a writable folder with --checkpoints") from None
+                              "choose a writable folder with --checkpoints") from e
+    except RuntimeError as e:          # torch's own writer fails this way, e.g. on a full disk
+        raise CheckpointError(f"cannot write the checkpoint {path} (torch.save failed: "
+                              f"{str(e).splitlines()[0][:120]}): free disk space there or choose another "
+                              "folder with --checkpoints; the previous checkpoint is intact") from e
     return path
 
 
@@ -90,9 +95,21 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                               "`python -m helpers train --serialize` or check the path")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():    # not an object of some class: damaged
+            raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file "
+                                  f"({type(e).__name__}): train again or restore a good copy") from e
+        raise CheckpointError(                    # a whole pickled object: loading it would run its code
+            f"{path} holds pickled Python objects beyond tensors and plain values, which torch.load "
+            "refuses to load with weights_only=True because unpickling them can run arbitrary code: "
+            "if you trust the file, load it yourself with torch.load(path, weights_only=False) and "
+            "save its state_dict with helpers.checkpoint.save_checkpoint") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint {path} ({e.strerror or e}): "
+                              "check its permissions") from e
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file "
-                              f"({type(e).__name__}): train again or restore a good copy") from None
+                              f"({type(e).__name__}): train again or restore a good copy") from e
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
                               "save models with helpers.checkpoint.save_checkpoint")

@@ -182,12 +182,13 @@ def main(argv=None) -> int:
     """Run one command; returns the exit status (argparse exits 2 itself on bad flags)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.smoke = config.smoke_mode() if getattr(args, "smoke", None) is None else args.smoke   # else SMOKE_TEST
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     with warnings.catch_warnings():
         if not args.verbose:
             warnings.simplefilter("ignore")      # seed 003: warnings only with --verbose
         try:
+            if getattr(args, "smoke", None) is None:
+                args.smoke = config.smoke_mode()             # the flag, else SMOKE_TEST
             return {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}[args.command](args) or 0
         except CourseError as e:
             if args.verbose:

@@ -36,9 +36,18 @@ LR_FINDER_ITERS = 100
 SMOKE_BATCH_SIZE = 128        # keeps several steps per epoch on the 1,000-image subset
 
 
+SMOKE_ON, SMOKE_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def smoke_mode() -> bool:
-    """True when the environment variable SMOKE_TEST is set to 1/true/yes."""
-    return os.environ.get("SMOKE_TEST", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when the environment variable SMOKE_TEST is 1/true/yes/on, False when it is unset,
+    empty or 0/false/no/off (any case); any other value is refused rather than read as "off",
+    which on the real data would start an hours-long run."""
+    value = os.environ.get("SMOKE_TEST", "").strip().lower()
+    if value in SMOKE_ON or value in SMOKE_OFF:
+        return value in SMOKE_ON
+    raise ConfigError(f"SMOKE_TEST={os.environ['SMOKE_TEST']!r} means neither on nor off: set it to 1 (smoke "
+                      "mode: a small subset, few epochs) or 0 (full settings), or unset it")
 
 
 @dataclass
@@ -178,9 +187,19 @@ DEFAULT_DATA_DIR = Path("data")                    # torchvision download target
 DEFAULT_CHECKPOINT_DIR = Path("models")            # where `train --serialize` writes
 SMOKE_CHECKPOINT_DIR = Path("artifacts") / "smoke"  # ... and where it writes in smoke mode
 SHIPPED_MODEL = REPO_ROOT / "models" / "resnet9_cifar10.pt"
-# Notebook outputs shared between notebooks. Smoke runs (CI, a plain pytest) keep theirs in
-# artifacts/smoke/, so that they never overwrite or resume a full run's checkpoints.
-ARTIFACTS_DIR = REPO_ROOT / "artifacts" / ("smoke" if smoke_mode() else "")
+
+
+def artifacts_dir(smoke: bool | None = None) -> Path:
+    """Where the notebooks hand files to each other: artifacts/, or artifacts/smoke/ for smoke
+    runs (CI, a plain pytest), so that those never overwrite or resume a full run's checkpoints.
+    `config.ARTIFACTS_DIR` is this for the current SMOKE_TEST, read when it is used."""
+    return REPO_ROOT / "artifacts" / ("smoke" if (smoke_mode() if smoke is None else smoke) else "")
+
+
+def __getattr__(name: str):
+    if name == "ARTIFACTS_DIR":
+        return artifacts_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_dir() -> Path:

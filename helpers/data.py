@@ -231,7 +231,17 @@ def _load_torchvision(root: Path, download: bool) -> CIFAR10Data:
 
 
 def _list_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
-    """Per split, per class (CIFAR-10 order), the image files, checked for layout."""
+    """Per split, per class (CIFAR-10 order), the image files, checked for layout. A file-system
+    fault on the way (a link that loops or points nowhere, a folder it may not read) is a
+    DatasetError naming the entry."""
+    try:
+        return _scan_image_folder(root)
+    except OSError as e:
+        raise DatasetError(f"cannot read {e.filename or root} ({e.strerror or e}): fix that entry (a broken or "
+                           f"looping link, missing read permission) or copy the dataset again") from e
+
+
+def _scan_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
     listing = {}
     for split in ("train", "test"):
         split_dir = root / split
@@ -282,22 +292,34 @@ def _decode(path: str) -> np.ndarray:
                 raise DatasetError(f"{path} is {im.size[0]}x{im.size[1]} {im.mode}, not a 32x32 RGB image: "
                                    "replace it with the original or remove it from every class equally")
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except OSError as e:
+        if e.errno is not None:               # the file system refused (permissions, I/O), not the image
+            raise DatasetError(f"cannot read image {path} ({e.strerror}): make it readable "
+                               "(its permissions, the disk) or copy the dataset again") from e
         raise DatasetError(f"corrupt or truncated image {path} ({type(e).__name__}): "
-                           "copy the dataset again") from None
+                           "copy the dataset again") from e
+    except (UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"corrupt or truncated image {path} ({type(e).__name__}): "
+                           "copy the dataset again") from e
 
 
 def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
     listing = _list_image_folder(root)
     source = f"image folder {root}"
-    cache_file = config.cache_dir() / f"imagefolder-{_cache_key(root, listing)}.npz"
+    try:
+        key = _cache_key(root, listing)
+    except OSError as e:
+        raise DatasetError(f"cannot read {e.filename or root} ({e.strerror or e}): fix that entry or "
+                           "copy the dataset again") from e
+    cache_file = config.cache_dir() / f"imagefolder-{key}.npz"
     if cache and cache_file.exists():
         try:
             with np.load(cache_file) as z:
                 return CIFAR10Data(z["train_images"], z["train_labels"], z["test_images"],
                                    z["test_labels"], CLASSES, source)
-        except Exception:
-            pass  # an unreadable cache is rebuilt below
+        except Exception as e:                # any damage to the cache: decode again and rewrite it
+            print(f"note: the decode cache {cache_file.name} is unreadable ({type(e).__name__}); "
+                  "decoding the images again", file=sys.stderr)
     arrays = {}
     for split, per_class in listing.items():
         paths = [e.path for files in per_class for e in files]
@@ -540,10 +562,13 @@ MODE_NAMES = {"L": "greyscale", "1": "black-and-white", "I": "greyscale", "I;16"
 def read_image(path) -> tuple[np.ndarray, list[str]]:
     """A file as a 32x32 RGB uint8 array, plus notes on what was changed to get there.
     A missing, folder or unreadable file raises ImageError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     from .errors import ImageError
 
+    if "://" in str(path):
+        raise ImageError(f"{path} is an address, not a file: download it first (e.g. curl -O {path}) "
+                         "and pass the file")
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
@@ -552,9 +577,14 @@ def read_image(path) -> tuple[np.ndarray, list[str]]:
         with Image.open(p) as im:
             im.load()
             return _to_rgb32(ImageOps.exif_transpose(im))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except OSError as e:
+        if e.errno is not None:               # the file system refused, not the image format
+            raise ImageError(f"cannot read {p} ({e.strerror}): check its permissions") from e
         raise ImageError(f"{p} is not a readable image ({type(e).__name__}): pass PNG, JPEG or "
-                         "other image files") from None
+                         "other image files") from e
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{p} is not a readable image ({type(e).__name__}): pass PNG, JPEG or "
+                         "other image files") from e
 
 
 def read_images(paths) -> tuple[np.ndarray, list[str]]:

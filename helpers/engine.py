@@ -90,18 +90,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
 
 class DivergenceGuard:
     """Stops a run whose loss has diverged: raises DivergenceError, naming the step and the
-    LR, when a loss is NaN or infinite, or when it exceeds DIVERGENCE_FACTOR times the mean
-    loss of the run's first GUARD_WINDOW steps (a run that learns never climbs that far above
-    where it started; a too-high LR does, often to 1e10 and beyond, before any NaN).
+    LR, when a loss is NaN or infinite, or when it exceeds DIVERGENCE_FACTOR times the larger
+    of the run's first loss and ln 10 (chance level for ten classes). A run that learns never
+    climbs that far above where it started; a too-high LR does, often to 1e10 and beyond,
+    before any NaN. (The ln 10 floor keeps a resumed run, whose first loss may be tiny, from
+    being stopped by an ordinary noisy batch.)
 
     The losses stay on the device and are read back once every GUARD_WINDOW steps and at the
     end of each epoch, so the loop never waits for the device step by step.
     """
 
-    def __init__(self, window: int = None, factor: float = None):
-        self.window = window or GUARD_WINDOW
-        self.factor = factor or DIVERGENCE_FACTOR
-        self.reference: float | None = None       # the mean loss of the first window
+    def __init__(self, window: int = GUARD_WINDOW, factor: float = DIVERGENCE_FACTOR, floor: float = math.log(10)):
+        self.window, self.factor, self.floor = window, factor, floor
+        self.limit: float | None = None            # factor x max(first loss, floor), set by the first check
         self.pending: list = []                    # (loss tensor, step, lr) not yet read back
         self.last_lr: float | None = None
 
@@ -120,19 +121,16 @@ class DivergenceGuard:
         values = torch.stack([p[0].float() for p in self.pending]).tolist()
         steps, lrs = [p[1] for p in self.pending], [p[2] for p in self.pending]
         self.pending = []
-        if self.reference is None and all(math.isfinite(v) for v in values):
-            self.reference = sum(values) / len(values)
+        if self.limit is None and math.isfinite(values[0]):
+            self.limit = self.factor * max(values[0], self.floor)
         for value, step, lr in zip(values, steps, lrs):
             before = f", after a step at LR {self.last_lr:.3g}" if self.last_lr not in (None, lr) else ""
-            worst = max(lr, self.last_lr or lr)
+            hint = f"the LR is too high; try a lower one, e.g. {max(lr, self.last_lr or lr) / 10:.3g}"
             if not math.isfinite(value):
-                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): "
-                                      f"the LR is too high; try a lower one, e.g. {worst / 10:.3g}")
-            if self.reference is not None and value > self.factor * self.reference:
-                raise DivergenceError(
-                    f"loss grew to {value:.3g} at step {step} (LR {lr:.3g}{before}), over {self.factor:g}x "
-                    f"the {self.reference:.3g} of the run's first steps: the LR is too high; "
-                    f"try a lower one, e.g. {worst / 10:.3g}")
+                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): {hint}")
+            if self.limit is not None and value > self.limit:
+                raise DivergenceError(f"loss grew to {value:.3g} at step {step} (LR {lr:.3g}{before}), past "
+                                      f"{self.limit:.3g} ({self.factor:g}x where the run started): {hint}")
             self.last_lr = lr
 
 
@@ -184,6 +182,9 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
     require_whole("epochs", epochs)
     opt, ext = options or RunOptions(), extras or FitOptions()
     device = get_device(opt.device)
+    if opt.amp == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 on a CPU is emulated, dozens of times slower than bf16: use bf16 (--amp bf16) on "
+                          "a CPU with AVX-512 BF16 or AMX, else fp32 (--amp off)")
     net, train_net = _place_model(model, device, opt)
     if opt.fast_augment:                         # the uint8 images move to the device once
         train_loader = DeviceLoader.from_loader(train_loader, device)
@@ -596,6 +597,10 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | N
         raise ConfigError(f"lr_min {lr_min:g} is above lr_max {lr_max:g}: swap them")
     if peak_epoch > epochs:
         raise ConfigError(f"peak epoch {peak_epoch} is beyond the {epochs} epochs: choose 1..{epochs}")
+    if peak_epoch * steps_per_epoch < 2:         # OneCycleLR divides by the length of the way up
+        raise ConfigError(f"OneCycle needs at least 2 steps up to its peak, but {steps_per_epoch} step(s) per epoch "
+                          f"with the peak at epoch {peak_epoch} give {peak_epoch * steps_per_epoch}: use a smaller "
+                          "batch (--train_batch) or a later peak (--peak-epoch)")
     total = epochs * steps_per_epoch
     # A cycle that peaks on its very last step has no way down; OneCycleLR still needs a
     # second phase, so it gets one extra step that no batch ever uses.

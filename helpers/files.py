@@ -2,6 +2,7 @@
 rename), so a crash or a full disk never leaves a half-written checkpoint, JSON or figure."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -9,17 +10,31 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file beside `path` for writing; on success fsync it and rename it to
-    `path` (replacing any old file in one step); on any error remove it and re-raise."""
+    `path` (replacing any old file in one step); on any error remove it and re-raise.
+
+    The file gets the permissions `open()` would give it (0666 less the user's umask), not the
+    temporary file's 0600. Temporary files that an earlier writer of `path` left behind, killed
+    before it could remove them (SIGKILL, a power cut), are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

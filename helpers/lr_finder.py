@@ -30,7 +30,13 @@ from . import config
 from .errors import ConfigError, require_positive, require_whole
 from .files import save_json
 
-LR_CHOICE_FILE = config.ARTIFACTS_DIR / "lr_choice.json"   # written by notebook 03, read by 04
+LR_CHOICE_NAME = "lr_choice.json"     # in config.artifacts_dir(): written by notebook 03, read by 04
+
+
+def __getattr__(name: str):
+    if name == "LR_CHOICE_FILE":          # for the current SMOKE_TEST, read when it is used
+        return config.artifacts_dir() / LR_CHOICE_NAME
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
 SKIP_END = 5      # ... and the last 5 (where the loss explodes)
 SMOOTH_F = 0.05   # torch-lr-finder's defaults: the loss curve's exponential smoothing ...
@@ -181,7 +187,7 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
     path=None means LR_CHOICE_FILE (artifacts/lr_choice.json). lr_min defaults to lr_max / 10.
     Raises ConfigError unless both LRs are positive and finite and lr_min < lr_max.
     """
-    path = Path(path) if path is not None else LR_CHOICE_FILE
+    path = Path(path) if path is not None else config.artifacts_dir() / LR_CHOICE_NAME
     if isinstance(lr_max, (np.floating, np.integer)):
         lr_max = lr_max.item()
     lr_min = lr_max / 10 if lr_min is None and isinstance(lr_max, (int, float)) else lr_min
@@ -204,7 +210,7 @@ def load_lr_choice(path=None) -> dict:
     "source": "defaults", "note": ...}. A file that is not valid JSON or holds bad values
     raises ConfigError naming the file (run notebook 03 again, or delete it).
     """
-    path = Path(path) if path is not None else LR_CHOICE_FILE
+    path = Path(path) if path is not None else config.artifacts_dir() / LR_CHOICE_NAME
     if not path.is_file():
         return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "defaults",
                 "note": f"no {path.name} found: seed 001's LR_MAX and LR_MIN from helpers.config "
