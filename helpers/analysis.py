@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import test_transforms
 from .data import make_loader
 
 
@@ -108,6 +107,8 @@ def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std,
             batch_size: int = 512, tta_flip: bool = False, progress: bool = False,
             tta_shift: int = 0) -> Predictions:
     """Run `model` over uint8 images (normalised with mean/std) and collect everything per image."""
+    from .augment import test_transforms           # albumentations: imported only when used
+
     loader = make_loader(images, labels, test_transforms(mean, std), batch_size=batch_size)
     logits, y = predict_logits(model.to(device), loader, device, tta_flip=tta_flip, progress=progress,
                                tta_shift=tta_shift)
@@ -171,6 +172,8 @@ def grad_cam(model: nn.Module, images: np.ndarray, classes, mean, std, device="c
     (default: cam_layer(model)) for the class given in `classes`, per pixel (pytorch_grad_cam)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from .augment import test_transforms
 
     x = torch.stack([torch.as_tensor(test_transforms(mean, std)(image=np.ascontiguousarray(im))["image"])
                      for im in images]).to(device)

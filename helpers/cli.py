@@ -368,6 +368,8 @@ def speed_options(args, r, device, resumed: dict | None = None):
         if resumed is not None:
             why.append("note: the checkpoint predates recorded speed settings; the run ends exactly as an "
                        "uninterrupted one only if these are the original run's")
+    if chosen["amp"] == "fp16" and device.type == "cpu":
+        raise ConfigError(engine.FP16_ON_CPU)
     args.amp, args.channels_last, args.fast_augment, args.workers = (
         chosen["amp"], chosen["channels_last"], chosen["fast_augment"], chosen["workers"])
     return engine.RunOptions(str(device), args.amp, args.channels_last, args.fast_augment, args.compile,

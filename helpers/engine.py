@@ -16,6 +16,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from . import augment as aug
 from .analysis import autocast, predict_logits, to_device
 from .checkpoint import (check_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setting_changes,
                          unwrap)
@@ -38,6 +38,8 @@ from .models import FastNet, get_model, init_whitening
 # ----------------------------------------------------------------------------------------
 # The training loop: one epoch
 # ----------------------------------------------------------------------------------------
+FP16_ON_CPU = ("fp16 on a CPU is emulated, dozens of times slower than bf16: use bf16 (--amp bf16) on a CPU with "
+               "AVX-512 BF16 or AMX, else fp32 (--amp off)")
 GUARD_WINDOW = 20          # the divergence guard reads the losses back once per this many steps
 DIVERGENCE_FACTOR = 10.0   # ... and stops a run whose loss climbs past this many times its start
 
@@ -182,9 +184,8 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
     require_whole("epochs", epochs)
     opt, ext = options or RunOptions(), extras or FitOptions()
     device = get_device(opt.device)
-    if opt.amp == "fp16" and device.type == "cpu":
-        raise ConfigError("fp16 on a CPU is emulated, dozens of times slower than bf16: use bf16 (--amp bf16) on "
-                          "a CPU with AVX-512 BF16 or AMX, else fp32 (--amp off)")
+    if opt.amp == "fp16" and device.type == "cpu":              # the command line refuses it outright
+        warnings.warn(FP16_ON_CPU, stacklevel=2)
     net, train_net = _place_model(model, device, opt)
     if opt.fast_augment:                         # the uint8 images move to the device once
         train_loader = DeviceLoader.from_loader(train_loader, device)
@@ -395,6 +396,8 @@ def input_stats(recipe: Recipe, data: CIFAR10Data) -> tuple[tuple, tuple]:
 def build_loaders(recipe: Recipe, data: CIFAR10Data, workers: int = 0, distributed: bool = False):
     """(train_loader, eval_loader, test_loader) for a recipe. The eval loader is a stratified
     validation split of the training set when recipe.val_split > 0, else the test set."""
+    from . import augment as aug                   # albumentations: imported only when loaders are built
+
     mean, std = input_stats(recipe, data)
     train_x, train_y = data.train_images, data.train_labels
     val_x, val_y = data.test_images, data.test_labels
@@ -422,7 +425,9 @@ def whitening_images(data: CIFAR10Data, recipe: Recipe | None = None, count: int
     if recipe is not None and recipe.val_split > 0:
         images = data.split_validation(recipe.val_split, recipe.seed)[0]
     images = images[::max(1, len(images) // count)]
-    return aug.normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), data.mean, data.std)
+    from .augment import normalize_batch
+
+    return normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), data.mean, data.std)
 
 
 def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,

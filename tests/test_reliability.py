@@ -97,11 +97,13 @@ def test_a_one_cycle_with_a_single_step_up_is_refused(epochs, steps, peak):
     engine.one_cycle(opt, 1e-3, epochs=2, steps_per_epoch=2, peak_epoch=1)   # two steps up: fine
 
 
-def test_fp16_on_a_cpu_is_refused_naming_the_alternatives():
+def test_fp16_on_a_cpu_is_refused_by_the_cli_and_warned_about_by_fit(tmp_path):
+    run = cli("train", "--smoke", "--amp", "fp16", "--device", "cpu", "--checkpoints", str(tmp_path))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--amp bf16" in run.stderr, run.stderr
     model = get_model("compact")
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(ConfigError, match="bf16.*fp32"):
+    with pytest.warns(UserWarning, match="bf16.*fp32"):
         engine.fit(model, batches, batches, opt, 1, options=engine.RunOptions(device="cpu", amp="fp16", progress=False))
 
 
