@@ -69,6 +69,7 @@ def run_recipe(name: str, data, load_s: float, smoke: bool, **changes) -> dict:
            for label, flip, shift in (("plain", False, 0), ("flip", True, 0), ("recipe_tta", r.tta_flip, r.tta_shift))}
     seconds = run["history"]["seconds"]
     out = {"recipe": name, "changes": changes, "options": opts.describe().splitlines()[0],
+           **{k: getattr(opts, k) for k in ("amp", "channels_last", "fast_augment")},
            "epochs": len(seconds), "batch": r.batch_size, "train_images": len(data.train_labels),
            "acc": acc, "acc_in_run": run["test"]["acc"], "data_load_s": load_s, "train_and_test_s": train_s,
            "whole_s": load_s + train_s, "epoch_s": seconds, "first_epoch_s": seconds[0],

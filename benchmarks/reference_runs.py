@@ -136,14 +136,16 @@ def gpu_rows(path: Path) -> list[dict]:
             continue                                   # the profiles, the anchor, skipped parts
         r = recipe(part["recipe"], smoke=rec["smoke"], **part["changes"])
         overrides = {k: v for k, v in part["changes"].items() if k != "seed"}
-        label = config_label(part["recipe"], dict(FAST)) + "".join(f", {k} {v}" for k, v in overrides.items())
-        rows.append({"config": label, "about": r.notes, "seed": r.seed, "device_type": "cuda",
-                     "settings": {"recipe": part["recipe"], **FAST, "compile": False, "workers": 0,
+        options = {k: part.get(k, v) for k, v in FAST.items()}      # older records: what auto_options chose
+        label = config_label(part["recipe"], options) + "".join(f", {k} {v}" for k, v in overrides.items())
+        rows.append({"config": label, "about": r.notes, "seed": r.seed,
+                     "device_type": rec["device"].rsplit("(", 1)[-1].split(",")[0].rstrip(")").lower(),
+                     "settings": {"recipe": part["recipe"], **options, "compile": False, "workers": 0,
                                   "smoke": rec["smoke"], "overrides": overrides, "epochs_override": None},
                      "test_acc": part["acc_in_run"], "epochs_run": part["epochs"], "best_epoch": None,
                      "wall_seconds": part["whole_s"], "epoch_seconds_median": float(np.median(part["epoch_s"])),
                      "train_images": part["train_images"], "images_per_s": part["img_per_s_median_epoch"],
-                     "data": rec["data"]["source"], "peak_gpu_memory_bytes": part["peak_memory_gib"] * 2**30,
+                     "data": rec["data"]["source"], "peak_gpu_memory_bytes": part["peak_memory_gib"] and part["peak_memory_gib"] * 2**30,
                      "recipe": r.to_dict(), "command": "bash benchmarks/gpu_run.sh",
                      **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}})
     return rows

@@ -81,6 +81,8 @@ def save_checkpoint(path, model: nn.Module | dict, arch: str, **fields) -> Path:
         raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror or e}): "
                               "choose a writable folder with --checkpoints") from e
     except RuntimeError as e:          # torch's own writer fails this way, e.g. on a full disk
+        if "PytorchStreamWriter" not in str(e) and "write" not in str(e).lower():
+            raise
         raise CheckpointError(f"cannot write the checkpoint {path} (torch.save failed: "
                               f"{str(e).splitlines()[0][:120]}): free disk space there or choose another "
                               "folder with --checkpoints; the previous checkpoint is intact") from e
@@ -96,7 +98,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "unsupported global" not in str(e).lower():    # not an object of some class: damaged
+        if not any(w in str(e).lower() for w in ("unsupported global", "unsupported class", "instantiate")):
             raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file "
                                   f"({type(e).__name__}): train again or restore a good copy") from e
         raise CheckpointError(                    # a whole pickled object: loading it would run its code

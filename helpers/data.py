@@ -257,9 +257,13 @@ def _scan_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
             cdir = split_dir / c
             if not cdir.is_dir():
                 raise DatasetError(f"missing class folder {cdir}: the copy is incomplete; copy it again or {HINT}")
-            files = sorted((e for e in os.scandir(cdir)
-                            if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
-                            and not e.name.startswith(".")), key=lambda e: e.name)
+            entries = [e for e in os.scandir(cdir)
+                       if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and not e.name.startswith(".")]
+            dangling = [e for e in entries if e.is_symlink() and not e.is_file()]
+            if dangling:
+                raise DatasetError(f"{dangling[0].path} is a link to nothing: restore what it points to, remove "
+                                   "it, or copy the dataset again")
+            files = sorted((e for e in entries if e.is_file()), key=lambda e: e.name)
             if not files:
                 raise DatasetError(f"class folder {cdir} holds no .png/.jpg images: copy it again or {HINT}")
             per_class.append(files)

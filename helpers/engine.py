@@ -82,7 +82,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
         total_loss += loss.detach().double() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        if guard.add(loss, first_step + step, lr) and opt.progress:     # the guard read the losses back:
+        if guard.add(loss, first_step + step, lr, len(y)) and opt.progress:     # the guard read the losses back:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}",      # showing them costs no extra wait
                             acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.2e}")
     guard.check()                                # the epoch's last losses, before anything is saved
@@ -92,48 +92,59 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, loss_fn
 
 class DivergenceGuard:
     """Stops a run whose loss has diverged: raises DivergenceError, naming the step and the
-    LR, when a loss is NaN or infinite, or when it exceeds DIVERGENCE_FACTOR times the larger
-    of the run's first loss and ln 10 (chance level for ten classes). A run that learns never
-    climbs that far above where it started; a too-high LR does, often to 1e10 and beyond,
-    before any NaN. (The ln 10 floor keeps a resumed run, whose first loss may be tiny, from
-    being stopped by an ordinary noisy batch.)
+    LR, when a loss is NaN or infinite, or when the mean loss of a window of steps (weighted by
+    their images, so that a short last batch counts for little) exceeds DIVERGENCE_FACTOR times
+    the larger of the run's first loss and ln 10 (chance level for ten classes). A run that
+    learns never climbs that far above where it started; a too-high LR does, often to 1e10 and
+    beyond, before any NaN. The ln 10 floor keeps a resumed run, whose first loss may be tiny,
+    from being stopped by an ordinary noisy window.
 
     The losses stay on the device and are read back once every GUARD_WINDOW steps and at the
-    end of each epoch, so the loop never waits for the device step by step.
+    end of each epoch, so the loop never waits for the device step by step. Under DDP every
+    process reads the worst of all processes' losses, so they stop together.
     """
 
     def __init__(self, window: int = GUARD_WINDOW, factor: float = DIVERGENCE_FACTOR, floor: float = math.log(10)):
         self.window, self.factor, self.floor = window, factor, floor
         self.limit: float | None = None            # factor x max(first loss, floor), set by the first check
-        self.pending: list = []                    # (loss tensor, step, lr) not yet read back
+        self.pending: list = []                    # (loss tensor, images, step, lr) not yet read back
         self.last_lr: float | None = None
 
-    def add(self, loss: torch.Tensor, step: int, lr: float) -> bool:
+    def add(self, loss: torch.Tensor, step: int, lr: float, images: int = 1) -> bool:
         """Keep one step's loss; check when a window is full. True when it checked."""
-        self.pending.append((loss.detach(), step, lr))
+        self.pending.append((loss.detach(), images, step, lr))
         if len(self.pending) < self.window:
             return False
         self.check()
         return True
 
     def check(self) -> None:
-        """Read the pending losses back (one wait on the device) and raise if any diverged."""
+        """Read the pending losses back (one wait on the device) and raise if they diverged."""
         if not self.pending:
             return
-        values = torch.stack([p[0].float() for p in self.pending]).tolist()
-        steps, lrs = [p[1] for p in self.pending], [p[2] for p in self.pending]
+        losses = torch.stack([p[0].float() for p in self.pending])
+        if _is_distributed():                      # the worst of every process's (NaN counts as inf)
+            losses = torch.nan_to_num(losses, nan=math.inf)
+            dist.all_reduce(losses, op=dist.ReduceOp.MAX)
+        values, (_, images, steps, lrs) = losses.tolist(), zip(*self.pending)
         self.pending = []
         if self.limit is None and math.isfinite(values[0]):
             self.limit = self.factor * max(values[0], self.floor)
+        before = f", after a step at LR {self.last_lr:.3g}" if self.last_lr not in (None, lrs[0]) else ""
         for value, step, lr in zip(values, steps, lrs):
-            before = f", after a step at LR {self.last_lr:.3g}" if self.last_lr not in (None, lr) else ""
-            hint = f"the LR is too high; try a lower one, e.g. {max(lr, self.last_lr or lr) / 10:.3g}"
             if not math.isfinite(value):
-                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): {hint}")
-            if self.limit is not None and value > self.limit:
-                raise DivergenceError(f"loss grew to {value:.3g} at step {step} (LR {lr:.3g}{before}), past "
-                                      f"{self.limit:.3g} ({self.factor:g}x where the run started): {hint}")
-            self.last_lr = lr
+                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): "
+                                      f"{self._hint(lr)}")
+            before = f", after a step at LR {lr:.3g}" if lr != lrs[-1] else before
+        mean = sum(v * n for v, n in zip(values, images)) / sum(images)
+        if self.limit is not None and mean > self.limit:
+            raise DivergenceError(f"loss grew to {mean:.3g} over steps {steps[0]}-{steps[-1]} (LR {lrs[-1]:.3g}), "
+                                  f"past {self.limit:.3g} ({self.factor:g}x where the run started): "
+                                  f"{self._hint(max(lrs))}")
+        self.last_lr = lrs[-1]
+
+    def _hint(self, lr: float) -> str:
+        return f"the LR is too high; try a lower one, e.g. {max(lr, self.last_lr or lr) / 10:.3g}"
 
 
 def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
@@ -203,18 +214,24 @@ def fit(model: nn.Module, train_loader, test_loader, optimizer, epochs: int, sch
         tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn, options=opt,
                              scaler=state.scaler, first_step=epoch * steps, guard=guard,
                              desc=f"epoch {epoch + 1}/{epochs}")
-        stop = False
+        stop, broken = False, None
         if _is_main():                           # under DDP rank 0 alone evaluates, logs and saves
             te = evaluate(net, test_loader, loss_fn, device, opt.amp, opt.channels_last, progress=opt.progress)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            state.record(tr, te, time.perf_counter() - t0)
-            stop = state.stopper is not None and state.stopper.step(te["acc"], model, epoch)
-            if opt.progress:
-                log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-                    f"{ext.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
-            if ext.checkpoint_path is not None:
-                state.save(ext.checkpoint_path, epoch)
+            if math.isfinite(te["loss"]):
+                state.record(tr, te, time.perf_counter() - t0)
+                stop = state.stopper is not None and state.stopper.step(te["acc"], model, epoch)
+                if opt.progress:
+                    log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+                        f"{ext.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
+                if ext.checkpoint_path is not None:
+                    state.save(ext.checkpoint_path, epoch)
+            else:                                # the epoch's last steps broke the weights: save nothing
+                broken = (f"the {ext.eval_name} loss is {te['loss']} after epoch {epoch + 1}: the weights diverged "
+                          f"in its last steps (LR {tr['lr'][-1]:.3g}); try a lower LR")
+        if broken := _from_rank0(broken):
+            raise DivergenceError(broken)
         if _from_rank0(stop):
             if _is_main() and opt.progress:
                 log(state.stopper.stop_message(epoch, ext.eval_name))
@@ -427,7 +444,7 @@ def whitening_images(data: CIFAR10Data, recipe: Recipe | None = None, count: int
     images = images[::max(1, len(images) // count)]
     from .augment import normalize_batch
 
-    return normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), data.mean, data.std)
+    return normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), *input_stats(recipe or Recipe(), data))
 
 
 def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None,

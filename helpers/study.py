@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 from . import config
 from .config import Recipe
 from .data import CIFAR10Data
-from .errors import ConfigError
+from .errors import ConfigError, CourseError
 
 # ----------------------------------------------------------------------------------------
 # Settings: a tenth of the training set for a quarter of the epochs
@@ -211,7 +212,11 @@ def main(argv=None) -> int:
     options = auto_options(args.device)
     print(options.describe())
     t0 = time.time()
-    result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only, study=args.study)
+    try:
+        result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only, study=args.study)
+    except CourseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
     result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
                   command=f"python -m helpers.study --study {args.study} --out {args.out}")
     if args.only:                      # keep the other variants' rows (and their provenance)

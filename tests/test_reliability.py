@@ -3,6 +3,7 @@ file-system faults while listing, reading and writing; kills at any moment (the 
 test); absurd but finite settings; environment values that mean nothing; misleading messages."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -25,11 +26,12 @@ from helpers.models import get_model
 # ----------------------------------------------------------------------------------------
 # File-system faults: listing, reading, writing
 # ----------------------------------------------------------------------------------------
-def test_a_looping_link_in_the_image_tree_names_the_entry(tmp_path):
+@pytest.mark.parametrize("target", ["itself", "nothing"])
+def test_a_bad_link_in_the_image_tree_names_the_entry(tmp_path, target):
     root = write_image_tree(tmp_path / "tree", per_class=1)
-    loop = root / "train" / "cat" / "loop.jpg"
-    loop.symlink_to(loop)                                     # points at itself
-    with pytest.raises(DatasetError, match="loop.jpg") as info:
+    link = root / "train" / "cat" / "link.jpg"
+    link.symlink_to(link if target == "itself" else root / "gone.jpg")
+    with pytest.raises(DatasetError, match="link.jpg") as info:
         load_cifar10(root, download=False, cache=False)
     assert "\n" not in str(info.value) and "link" in str(info.value)
 
@@ -68,13 +70,20 @@ def test_a_failing_torch_save_leaves_the_old_checkpoint_and_no_debris(tmp_path, 
 
 
 def test_stale_temporary_files_are_removed_by_the_next_save(tmp_path):
+    import fcntl
+
     path = tmp_path / "compact_last.pt"
-    stale = tmp_path / ".compact_last.pt.k9x2_a.tmp"         # what a SIGKILL mid-write leaves
+    stale = tmp_path / ".compact_last.pt.k9x2_a7q.tmp"       # what a SIGKILL mid-write leaves
     stale.write_bytes(b"half a checkpoint")
-    other = tmp_path / ".other.pt.k9x2_a.tmp"                 # another file's: not ours to remove
-    other.write_bytes(b"")
-    save_checkpoint(path, get_model("compact"), "compact")
-    assert sorted(os.listdir(tmp_path)) == sorted([path.name, other.name])
+    others = [tmp_path / ".other.pt.k9x2_a7q.tmp",            # another file's: not ours to remove
+              tmp_path / ".compact_last.pt.json.k9x2_a7q.tmp"]
+    live = tmp_path / ".compact_last.pt.livewrit.tmp"         # a writer still at work holds its lock
+    for p in [*others, live]:
+        p.write_bytes(b"")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        save_checkpoint(path, get_model("compact"), "compact")
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, live.name, *(p.name for p in others)])
 
 
 def test_written_files_get_the_users_umask(tmp_path):
@@ -110,12 +119,19 @@ def test_fp16_on_a_cpu_is_refused_by_the_cli_and_warned_about_by_fit(tmp_path):
 def test_the_guard_stops_a_finite_blow_up_and_passes_a_noisy_descent():
     guard = engine.DivergenceGuard(window=4)
     for step, loss in enumerate([2.4, 2.9, 2.1, 1.5, 3.0, 1.2, 0.9, 1.1]):       # noisy, but learning
-        guard.add(torch.tensor(loss), step, 0.1)
+        guard.add(torch.tensor(loss), step, 0.1, images=32)
     guard.check()
+    for step, (loss, images) in enumerate([(0.4, 32), (0.3, 32), (30.0, 1)]):    # one image, badly wrong:
+        guard.add(torch.tensor(loss), 8 + step, 0.1, images)                    # weighted, no alarm
+    guard.check()
+    guard = engine.DivergenceGuard(window=2)
+    with pytest.raises(DivergenceError, match=r"grew to 6\.55e\+03 over steps 2-3 \(LR 0\.5\), past 23"):
+        for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (3100.0, 0.5), (1e4, 0.5)]):
+            guard.add(torch.tensor(loss), step, lr, images=32)
     guard = engine.DivergenceGuard(window=4)
-    with pytest.raises(DivergenceError, match=r"grew to 3\.1e\+03 at step 2 \(LR 0\.5, after a step at LR 0\.1\)"):
-        for step, (loss, lr) in enumerate([(2.3, 0.1), (5.0, 0.1), (3100.0, 0.5), (1e9, 0.5)]):
-            guard.add(torch.tensor(loss), step, lr)
+    with pytest.raises(DivergenceError, match=r"became nan at step 2 \(LR 0\.5, after a step at LR 0\.1\)"):
+        for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (math.nan, 0.5), (1e9, 0.5)]):
+            guard.add(torch.tensor(loss), step, lr, images=32)
 
 
 def test_a_real_blow_up_stops_the_run_before_anything_is_saved(tmp_path):
@@ -126,7 +142,7 @@ def test_a_real_blow_up_stops_the_run_before_anything_is_saved(tmp_path):
     model = get_model("compact")
     opt = torch.optim.Adam(model.parameters(), lr=1e4)
     ckpt = tmp_path / "compact_last.pt"
-    with pytest.raises(DivergenceError, match="the LR is too high"):
+    with pytest.raises(DivergenceError, match="grew to .* the LR is too high"):
         engine.fit(model, batches, batches[:1], opt, 3, options=engine.RunOptions(device="cpu", progress=False),
                    extras=engine.FitOptions(checkpoint_path=ckpt, arch="compact"))
     assert not ckpt.exists()
@@ -231,14 +247,15 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert start_child(reference, script).wait(timeout=120) == 0
     rng, during_write = random.Random(0), 0
     for i in range(10):
+        left = set(temporaries(killed))                        # debris of earlier kills is not this one's
         child = start_child(killed, script)
         assert child.stdout.readline().strip() == "ready"      # imports done: the run itself begins
         deadline = time.monotonic() + (rng.uniform(0.0, 1.5) if i % 2 == 0 else 10.0)
         while time.monotonic() < deadline and child.poll() is None:
-            if i % 2 and temporaries(killed):
+            if i % 2 and set(temporaries(killed)) - left:
                 break
             time.sleep(0.0005)
-        during_write += bool(temporaries(killed))
+        during_write += bool(set(temporaries(killed)) - left)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
         ckpt = killed / "fast_last.pt"
