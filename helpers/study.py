@@ -58,13 +58,13 @@ FAST_VARIANTS = {
 # batch, the optimizer (its --momentum is "used by SGD/Adam (if used)") and the preprocessing.
 # Each row changes one of those from the first reading (batch 64, SGD, normalised input).
 VGG_VARIANTS = {
-    "batch 64, SGD, normalised (first reading)": ("vgg", {}),
+    "batch 64, SGD, normalised (first reading)": ("vgg", {"batch_size": 64}),
     "batch 32": ("vgg", {"batch_size": 32}),
     "batch 16": ("vgg", {"batch_size": 16}),
     "batch 8": ("vgg", {"batch_size": 8}),
     "batch 4 (the PyTorch tutorial's)": ("vgg", {"batch_size": 4}),
-    "Adam at LR 0.001 (batch 64)": ("vgg", {"optimizer": "adam"}),
-    "[0, 1] input, not normalised (batch 64)": ("vgg", {"normalize": False}),
+    "Adam at LR 0.001 (batch 64)": ("vgg", {"optimizer": "adam", "batch_size": 64}),
+    "[0, 1] input, not normalised (batch 64)": ("vgg", {"normalize": False, "batch_size": 64}),
 }
 
 

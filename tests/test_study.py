@@ -51,7 +51,8 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
     base = recipes["fast recipe"]
     s = study.STUDIES["fast"]
     assert (base.epochs, base.peak_epoch, base.batch_size) == (s.epochs, s.peak_epoch, s.batch_size)
-    assert base.replace(epochs=full.epochs, peak_epoch=full.peak_epoch, batch_size=full.batch_size) == full
+    assert base.replace(epochs=full.epochs, peak_epoch=full.peak_epoch, batch_size=full.batch_size,
+                        test_batch_size=full.test_batch_size) == full
     changed = {}
     for name, r in recipes.items():
         diff = {k for k, v in r.to_dict().items() if v != base.to_dict()[k]}
@@ -71,8 +72,31 @@ def test_smoke_fast_ablation_runs_on_real_images(small_data):
                              only=["fast recipe", "no label smoothing"], study="fast")
     assert [r["variant"] for r in result["rows"]] == ["fast recipe", "no label smoothing"]
     assert result["settings"]["study"] == "fast" and result["rows"][0]["tta_shift"] == 1
-    assert "| fast recipe | sgd | flip-translate | 0 | 0.0005 | 0.2 | flip + 1 px shifts |" in study.markdown(
+    table = [line for line in study.markdown(
         {**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu", "versions": {"torch": "x"},
-         "date": "today", "wall_seconds": 1.0})
+         "date": "today", "wall_seconds": 1.0}).splitlines() if line.startswith("|")]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[:2] == ["variant", "label smoothing"] and "optimizer" not in head   # only what differs
+    assert [c.strip() for c in table[2].strip("|").split("|")][:2] == ["fast recipe", "0.2"]
+    assert [c.strip() for c in table[3].strip("|").split("|")][:2] == ["no label smoothing", "0"]
     with pytest.raises(ConfigError, match="unknown study 'slow'"):
         study.run_study(small_data, study="slow")
+
+
+def test_the_vgg_study_scores_on_held_out_training_images(real_data):
+    """Seed 003's settings study decides on a validation split: 1,000 training images held out,
+    disjoint from its 2,000 training images, stratified, and no test image anywhere."""
+    import numpy as np
+
+    from helpers.study import study_data, study_recipes
+
+    sub = study_data(real_data, smoke=False, study="vgg")
+    assert np.bincount(sub.train_labels).tolist() == [200] * 10
+    assert np.bincount(sub.test_labels).tolist() == [100] * 10
+    train_set = {im.tobytes() for im in real_data.train_images}
+    held_out = [im.tobytes() for im in sub.test_images]
+    assert all(h in train_set for h in held_out)                        # training images, not test ones
+    assert not set(held_out) & {im.tobytes() for im in sub.train_images}
+    recipes = study_recipes(smoke=False, study="vgg")
+    assert [r.batch_size for r in recipes.values()] == [64, 32, 16, 8, 4, 64, 64]
+    assert all(r.epochs == 15 and r.lr == 1e-3 and r.momentum == 0.9 for r in recipes.values())   # as stated
