@@ -7,7 +7,7 @@ finished); a part that would not fit the time budget is recorded as skipped:
   3. the fast recipe, RNG seeds 0, 1, 2;
   4. torch.profiler over 20 steps of each: the top kernels and the fraction of the bf16 peak;
   5. the anchor, airbench94 (PyPI airbench==0.1.8, run as published), RNG seeds 0, 1, 2;
-  6. seed 003's VGG at each --vgg-batch for its 15 epochs, where the budget still allows the whole run.
+  6. seed 003's VGG with each --vgg's changes for its 15 epochs, where the budget still allows the whole run.
 For every run: accuracy without TTA, with flip TTA and with the recipe's own TTA; the whole wall
 time (data load, training with its per-epoch evaluation, final test), img/s and peak memory.
 
@@ -170,23 +170,27 @@ def airbench(data, seeds) -> dict:
             "note": "its own fp16 loader and net; trained without per-epoch evaluation (verbose=False)"}
 
 
-def vgg(data, load_s: float, smoke: bool, batch: int, left: float) -> dict:
-    """Seed 003's VGG at `batch` for its 15 epochs, if 30 timed steps say the run fits in `left` s."""
-    r = config.recipe("vgg", smoke=smoke, batch_size=batch)
+def vgg(data, load_s: float, smoke: bool, changes: dict, left: float) -> dict:
+    """Seed 003's VGG with `changes` for its 15 epochs, if 30 timed steps say the run fits in `left` s
+    (with its evaluation after every epoch, at the seed's test batch of 8, counted as a fifth more)."""
+    r = config.recipe("vgg", smoke=smoke, **changes)
     step_s = timed_steps(r, data, 30)[0]
-    estimate = 1.2 * step_s * r.epochs * -(-len(data.train_labels) // batch) + 10
+    estimate = 1.2 * step_s * r.epochs * -(-len(data.train_labels) // r.batch_size) + 10
     if estimate > left - 15:
         return {"skipped": f"about {estimate:.0f} s at {step_s * 1e3:.1f} ms/step, {left:.0f} s left",
-                "batch": batch, "step_s": step_s}
-    return {**run_recipe("vgg", data, load_s, smoke, batch_size=batch), "step_s": step_s, "estimate_s": estimate}
+                "changes": changes, "step_s": step_s}
+    return {**run_recipe("vgg", data, load_s, smoke, **changes), "step_s": step_s, "estimate_s": estimate}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the JSON record to write")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds after which no part starts")
-    p.add_argument("--vgg-batch", type=int, nargs="*", default=[],
-                   help="seed 003's training batches for part 6, each run if it still fits (none: skip)")
+    p.add_argument("--vgg", nargs="*", default=[], metavar="CHANGES",
+                   help="seed 003's VGG runs for part 6, each as recipe changes, e.g. batch_size=16 or "
+                        "batch_size=64,optimizer=adam; each run if it still fits (none: skip)")
+    p.add_argument("--only", nargs="*", default=None, metavar="PART",
+                   help="run only these parts (resnet9, fast, profile, airbench94, vgg); default: all")
     args = p.parse_args(argv)
     smoke = config.smoke_mode()
     t0 = time.perf_counter()
@@ -217,14 +221,19 @@ def main(argv=None) -> int:
     matmul = speed.matmul_rate(512 if smoke else 8192, device=device, min_run_time=0.2 if smoke else 1.0)
     record["matmul_bf16_flop_per_s"] = matmul
     print(f"{record['device']}: data in {load_s:.1f} s, bf16 matmul {matmul / 1e12:.1f} TFLOP/s", flush=True)
-    part("resnet9", ESTIMATE_S["resnet9"], lambda: run_recipe("resnet9", data, load_s, smoke))
-    for seed in FAST_SEEDS:
+    wanted = lambda name: args.only is None or name in args.only                     # noqa: E731
+    if wanted("resnet9"):
+        part("resnet9", ESTIMATE_S["resnet9"], lambda: run_recipe("resnet9", data, load_s, smoke))
+    for seed in FAST_SEEDS if wanted("fast") else ():
         part(f"fast_seed{seed}", ESTIMATE_S["fast"], lambda s=seed: run_recipe("fast", data, load_s, smoke, seed=s))
-    for name in ("resnet9", "fast"):
+    for name in ("resnet9", "fast") if wanted("profile") else ():
         part(f"profile_{name}", ESTIMATE_S["profile"] / 2, lambda n=name: profile(n, data, smoke, matmul))
-    part("airbench94", ESTIMATE_S["airbench"] * len(FAST_SEEDS), lambda: airbench(data, FAST_SEEDS))
-    for batch in args.vgg_batch:
-        part(f"vgg_batch{batch}", 30, lambda b=batch: vgg(data, load_s, smoke, b, args.budget - (time.perf_counter() - t0)))
+    if wanted("airbench94"):
+        part("airbench94", ESTIMATE_S["airbench"] * len(FAST_SEEDS), lambda: airbench(data, FAST_SEEDS))
+    for spec in args.vgg if wanted("vgg") else ():
+        changes = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in spec.split(","))}
+        name = "vgg_" + "_".join(f"{k}{v}" for k, v in changes.items())
+        part(name, 30, lambda c=changes: vgg(data, load_s, smoke, c, args.budget - (time.perf_counter() - t0)))
     print(f"done in {time.perf_counter() - t0:.0f} s: {args.out}", flush=True)
     return 0
 

@@ -191,7 +191,10 @@ def readme_text(path: Path) -> str:
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
              "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
-             "recipe run by the command line at full settings on a CPU (not shipped: 70 MB in fp16).", "- `gpu_runs.md`/`.json` "
+             "recipe: the first reading (batch 64) run by the command line on a CPU, and the measured reading (batch 16).",
+             "- `vgg_settings_study.md`/`.json`: seed 003's unstated settings (training batch, optimizer, input "
+             "scaling) in short runs scored on a validation split (`python -m helpers.study --study vgg`).",
+             "- `gpu_runs.md`/`.json` "
              "(+ `gpu_run_log.txt`): the recipes and the airbench94 anchor on one H200, with a profile of the train step "
              "(`benchmarks/gpu_run.sh`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
              " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
