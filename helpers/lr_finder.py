@@ -7,7 +7,8 @@ file that carries that choice from notebook 03 to notebook 04.
     load_lr_choice()                                         # -> {"lr_max", "lr_min", "source", ...}
 
 The range test trains for `num_iter` batches while the LR grows geometrically from
-`start_lr` to `end_lr` (it stops early when the loss explodes). The suggestion is the LR where
+`start_lr` to `end_lr` (it stops early only if the smoothed loss exceeds DIVERGE_TH times its
+lowest value so far). The suggestion is the LR where
 the smoothed loss falls fastest: the steepest descent, as torch-lr-finder's own plot suggests.
 """
 from __future__ import annotations
