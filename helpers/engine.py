@@ -130,21 +130,23 @@ class DivergenceGuard:
         self.pending = []
         if self.limit is None and math.isfinite(values[0]):
             self.limit = self.factor * max(values[0], self.floor)
-        before = f", after a step at LR {self.last_lr:.3g}" if self.last_lr not in (None, lrs[0]) else ""
+        previous = self.last_lr
         for value, step, lr in zip(values, steps, lrs):
             if not math.isfinite(value):
+                before = f", after a step at LR {previous:.3g}" if previous not in (None, lr) else ""
                 raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): "
-                                      f"{self._hint(lr)}")
-            before = f", after a step at LR {lr:.3g}" if lr != lrs[-1] else before
+                                      f"{self._hint(max(lr, previous or lr))}")
+            previous = lr
         mean = sum(v * n for v, n in zip(values, images)) / sum(images)
         if self.limit is not None and mean > self.limit:
             raise DivergenceError(f"loss grew to {mean:.3g} over steps {steps[0]}-{steps[-1]} (LR {lrs[-1]:.3g}), "
                                   f"past {self.limit:.3g} ({self.factor:g}x where the run started): "
-                                  f"{self._hint(max(lrs))}")
+                                  f"{self._hint(max(lrs + (self.last_lr or 0,)))}")
         self.last_lr = lrs[-1]
 
-    def _hint(self, lr: float) -> str:
-        return f"the LR is too high; try a lower one, e.g. {max(lr, self.last_lr or lr) / 10:.3g}"
+    @staticmethod
+    def _hint(lr: float) -> str:
+        return f"the LR is too high; try a lower one, e.g. {lr / 10:.3g}"
 
 
 def evaluate(model: nn.Module, loader, loss_fn=None, device="cpu", amp: str | None = None,
