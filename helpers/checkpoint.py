@@ -2,6 +2,8 @@
 
 A checkpoint is a dict saved with torch.save:
   arch       the model name for helpers.models.get_model ("resnet9", "vgg", "compact", "fast")
+  model_options  get_model's keywords that change the weights' shapes, when any: {"rank": r}
+             for a low-rank vgg (export_fp16(..., rank=r)); load_model rebuilds the model with them
   model      the state_dict (unwrapped from DDP and torch.compile)
   optimizer, scheduler, scaler, epoch, history, config, rng   (training checkpoints)
   metrics    optional, e.g. the test accuracy of a shipped model
@@ -17,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import atomic_write
-from .models import MODELS, get_model
+from .models import MODELS, get_model, low_rank_vgg
 
 FORMAT = 1
 
@@ -65,14 +67,19 @@ def _tuples(x):
 
 def save_checkpoint(path, model: nn.Module | dict, arch: str, **fields) -> Path:
     """Write {arch, model state, **fields} to `path` atomically (temporary file, then rename).
-    `model` is a module or already its state_dict.
+    `model` is a module or already its state_dict; a module's shape options (a low-rank vgg's
+    rank) are recorded as model_options unless `fields` gives them.
 
     A crash during the write leaves any previous checkpoint at `path` intact.
     """
     if arch not in MODELS:
         raise CheckpointError(f"unknown architecture {arch!r}: choose one of {', '.join(MODELS)}")
     path = Path(path)
-    weights = model if isinstance(model, dict) else unwrap(model).state_dict()
+    if not isinstance(model, dict):
+        model = unwrap(model)
+        if getattr(model, "options", None) and "model_options" not in fields:
+            fields["model_options"] = dict(model.options)
+    weights = model if isinstance(model, dict) else model.state_dict()
     state = {"format": FORMAT, "arch": arch, "model": weights, **fields}
     try:
         with atomic_write(path) as f:
@@ -121,36 +128,71 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def load_model(path, device="cpu", expect_arch: str | None = None):
     """Rebuild the recorded architecture, load its weights (as float32) and return (model, checkpoint)."""
     ckpt = load_checkpoint(path)
-    arch = ckpt["arch"]
+    if expect_arch is not None and ckpt["arch"] != expect_arch:
+        raise CheckpointError(f"checkpoint {path} holds a {ckpt['arch']} model, not {expect_arch}: "
+                              f"use --model {ckpt['arch']} or a {expect_arch} checkpoint")
+    return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
+    """The model a loaded checkpoint records (its arch and model_options), with its weights as
+    float32; `path` names the file in errors."""
+    arch, options = ckpt["arch"], ckpt.get("model_options") or {}
     if arch not in MODELS:
         raise CheckpointError(f"checkpoint {path} records unknown architecture {arch!r}")
-    if expect_arch is not None and arch != expect_arch:
-        raise CheckpointError(f"checkpoint {path} holds a {arch} model, not {expect_arch}: "
-                              f"use --model {arch} or a {expect_arch} checkpoint")
-    # the same outputs as in training (dropout is a no-op in eval mode; the logit scale is not)
-    model = get_model(arch, logit_scale=(ckpt.get("config") or {}).get("logit_scale", 1.0))
+    if not isinstance(options, dict) or not set(options) <= {"rank"}:
+        raise CheckpointError(f"checkpoint {path} records model options {options!r} that this version "
+                              "does not know (it knows rank): update the course code or re-export the model")
+    try:   # the same outputs as in training (dropout is a no-op in eval mode; the logit scale is not)
+        model = get_model(arch, logit_scale=(ckpt.get("config") or {}).get("logit_scale", 1.0), **options)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} records options its {arch} model cannot take ({e})") from None
     weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(weights)
     except RuntimeError:
-        raise CheckpointError(f"the weights in {path} do not fit the {arch} architecture: "
+        shape = f" with {options}" if options else ""
+        raise CheckpointError(f"the weights in {path} do not fit the {arch} architecture{shape}: "
                               "the file was saved from a different model") from None
-    return model.to(device).eval(), ckpt
+    return model
 
 
 # What an exported (shipped) model keeps of a training checkpoint, besides its weights.
-EXPORT_KEYS = ("mean", "std", "classes", "config", "metrics", "history", "data_source", "smoke")
+EXPORT_KEYS = ("model_options", "mean", "std", "classes", "config", "metrics", "history", "data_source", "smoke")
 
 
-def export_fp16(path, out, **record) -> Path:
+def inference_settings(ckpt: dict) -> tuple[dict, tuple | None]:
+    """What a checkpoint says about testing its model: the test-time augmentation its recipe
+    tests with (helpers.analysis.predict's tta_flip and tta_shift), and the (mean, std) its inputs
+    are normalised with, or None when it records none."""
+    stats = (ckpt["mean"], ckpt["std"]) if ckpt.get("mean") is not None and ckpt.get("std") is not None else None
+    recorded = ckpt.get("config") or {}
+    return {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0)}, stats
+
+
+def export_fp16(path, out, rank: int | None = None, svds: dict | None = None, **record) -> Path:
     """A small inference copy of the checkpoint at `path`: fp16 weights, the architecture and
     EXPORT_KEYS (mean/std, recipe, metrics, ...), plus `record` (e.g. the commit and the data
-    source of the measured accuracy). It loads with weights_only=True; load_model turns the
-    weights back into float32. ResNet-9 shrinks from 26 MB to 13 MB."""
+    source of the measured accuracy; it wins over a kept key of the same name). It loads with
+    weights_only=True; load_model turns the weights back into float32. ResNet-9 shrinks from
+    26 MB to 13 MB.
+
+    rank=r (a full vgg only): lin.0 and lin.3 are first replaced by their truncated SVDs at
+    rank r (helpers.models.low_rank_vgg, in float32), recorded as model_options={"rank": r}:
+    69 MB becomes 2,389,140 + 32,768 r bytes of weights (r = 384: 15.0 MB). `svds` keeps the
+    two SVDs between exports of one checkpoint at several ranks (pass the same dict)."""
     ckpt = load_checkpoint(path)
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    return save_checkpoint(out, weights, ckpt["arch"], dtype="float16",
-                           **{k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}, **record)
+    kept = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
+    weights = ckpt["model"]
+    if rank is not None:
+        if ckpt["arch"] != "vgg" or ckpt.get("model_options"):
+            shape = f"{ckpt['arch']} {ckpt.get('model_options') or ''}".strip()
+            raise ConfigError(f"rank applies to a full vgg checkpoint, and {path} holds a {shape} model: "
+                              "export without rank, or from the full vgg checkpoint")
+        weights = low_rank_vgg(model_from_checkpoint(ckpt, path), rank, svds).state_dict()
+        kept["model_options"] = {"rank": int(rank)}
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    return save_checkpoint(out, weights, ckpt["arch"], dtype="float16", **{**kept, **record})
 
 
 # Recipe fields that may differ between a run and its resumption (they do not change training).

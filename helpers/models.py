@@ -2,11 +2,14 @@
 
   resnet9  seed 001's custom ResNet (after Page's "How to train your ResNet"), 6,573,120 params
   vgg      seed 003's VGG-style CNN, exactly as its code listing,               34,749,002 params
+           (with rank=r its two 4096x4096 layers are low-rank: 1,194,570 + 16,384 r params)
   compact  seed 004's compact Keras CNN, ported to PyTorch,                        419,818 params
   fast     a small net for minutes-long CPU runs (ideas of Keller Jordan's airbench94), 1,972,504
            trainable params; its first layer is a frozen whitening filter set from data
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +77,64 @@ class ResNet9(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Seed 003: VGG-style CNN (6 convs with ReLU, 3 max-pools, 3 linear layers with dropout)
 # ----------------------------------------------------------------------------------------
-class VGGNet(nn.Module):
-    """Seed 003's network, layer for layer as in its listing."""
+VGG_WIDTH = 4096          # the hidden linear layers' width: 256 channels x 4 x 4 pixels
+VGG_LOW_RANK_LAYERS = (0, 3)     # lin.0 and lin.3, the two 4096x4096 layers (33.5 M of 34.7 M parameters)
 
-    def __init__(self, num_classes: int = 10):
+
+def check_rank(rank) -> int:
+    """`rank` as an int, or a one-line ConfigError unless it is a whole number from 1 to 4095."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 < rank < VGG_WIDTH:
+        raise ConfigError(f"rank must be a whole number from 1 to {VGG_WIDTH - 1}, got {rank!r}: "
+                          "try 384 (the largest whose fp16 vgg file fits 15 MB)")
+    return int(rank)
+
+
+class LowRank(nn.Sequential):
+    """A Linear layer in -> out as two: in -> rank (no bias), then rank -> out (the original
+    bias). Its weight is B @ A, a matrix of rank at most `rank`, in rank * (in + out) numbers."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features))
+        self.rank = rank
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int, svd=None) -> "LowRank":
+        """The best rank-`rank` approximation of `linear` (Eckart-Young): the truncated SVD
+        W = U S V^T in float32, with sqrt(S) in each factor so both have the same scale (it
+        keeps them in fp16's range). At rank min(in, out) it computes the same function.
+        `svd`: the layer's (U, S, Vh) from `svd_of`, when already computed."""
+        out_features, in_features = linear.weight.shape
+        if not 0 < rank <= min(in_features, out_features):
+            raise ConfigError(f"rank must be from 1 to {min(in_features, out_features)} for a "
+                              f"{in_features} -> {out_features} layer, got {rank!r}")
+        u, s, vh = svd if svd is not None else svd_of(linear.weight)
+        root = s[:rank].sqrt()
+        low = cls(in_features, out_features, rank).to(linear.weight.device)
+        low[0].weight.copy_(root[:, None] * vh[:rank])
+        low[1].weight.copy_(u[:, :rank] * root)
+        if linear.bias is not None:
+            low[1].bias.copy_(linear.bias.float())
+        else:
+            low[1].bias.zero_()
+        return low
+
+
+def svd_of(weight: torch.Tensor):
+    """(U, S, Vh) of a weight matrix, in float32 (a 4096x4096 one takes 10-30 s on one CPU core)."""
+    return torch.linalg.svd(weight.detach().float(), full_matrices=False)
+
+
+class VGGNet(nn.Module):
+    """Seed 003's network, layer for layer as in its listing.
+
+    rank=r makes lin.0 and lin.3 (4096 -> 4096) `LowRank` layers (4096 -> r -> 4096): what
+    `low_rank_vgg` turns a trained model into, to ship it small. Without it the network and its
+    state_dict are exactly seed 003's."""
+
+    def __init__(self, num_classes: int = 10, rank: int | None = None):
         super().__init__()
+        self.rank = None if rank is None else check_rank(rank)
         self.conv = nn.Sequential(
             nn.Conv2d(3, out_channels=64, kernel_size=3, padding=1), nn.ReLU(),
             nn.Conv2d(64, out_channels=64, kernel_size=3, padding=1), nn.ReLU(),
@@ -90,14 +146,42 @@ class VGGNet(nn.Module):
             nn.Conv2d(256, out_channels=256, kernel_size=3, padding=1), nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
+
+        def hidden():
+            w = VGG_WIDTH
+            return nn.Linear(w, w) if self.rank is None else LowRank(w, w, self.rank)
+
         self.lin = nn.Sequential(
-            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
-            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
-            nn.Linear(4096, num_classes),
+            hidden(), nn.ReLU(), nn.Dropout(p=0.5),
+            hidden(), nn.ReLU(), nn.Dropout(p=0.5),
+            nn.Linear(VGG_WIDTH, num_classes),
         )
+
+    @property
+    def options(self) -> dict:
+        """What get_model needs besides the name to rebuild this network: {'rank': r} or {}."""
+        return {} if self.rank is None else {"rank": self.rank}
 
     def forward(self, x):
         return self.lin(torch.flatten(self.conv(x), 1))
+
+
+@torch.no_grad()
+def low_rank_vgg(model: VGGNet, rank: int, svds: dict | None = None) -> VGGNet:
+    """A copy of a full (trained) VGG whose lin.0 and lin.3 are their truncated SVDs at `rank`
+    (`LowRank.from_linear`); the convolutions and the last layer are copied unchanged. Its
+    state_dict loads into get_model("vgg", rank=rank). `svds`: a dict that keeps each layer's
+    SVD between calls at several ranks (pass the same dict each time)."""
+    if not isinstance(model, VGGNet) or model.rank is not None:
+        raise ConfigError("low_rank_vgg factorises a full VGGNet (get_model('vgg') without rank)")
+    low = VGGNet(model.lin[-1].out_features, rank=rank).to(next(model.parameters()).device)
+    low.conv.load_state_dict(model.conv.state_dict())
+    low.lin[-1].load_state_dict(model.lin[-1].state_dict())
+    for i in VGG_LOW_RANK_LAYERS:
+        if svds is not None and i not in svds:
+            svds[i] = svd_of(model.lin[i].weight)
+        low.lin[i] = LowRank.from_linear(model.lin[i], low.rank, None if svds is None else svds[i])
+    return low.train(model.training)
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,17 +301,21 @@ def init_whitening(model: FastNet, images: torch.Tensor, eps: float = WHITEN_EPS
 MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN, "fast": FastNet}
 
 
-def get_model(name: str, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0) -> nn.Module:
+def get_model(name: str, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0,
+              rank: int | None = None) -> nn.Module:
     """A fresh model by name: 'resnet9', 'vgg', 'compact' or 'fast'. `dropout` (seed 001) and
-    `logit_scale` (Page) are ResNet-9's options; vgg and compact are exactly their seeds', and
+    `logit_scale` (Page) are ResNet-9's options; `rank` (1 to 4095) makes vgg's two 4096x4096
+    layers low-rank (see low_rank_vgg); vgg and compact are otherwise exactly their seeds', and
     fast needs `init_whitening` with training images before it trains."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if rank is not None and name != "vgg":
+        raise ConfigError(f"rank is an option of vgg only, not of {name}")
     if name == "resnet9":
         return ResNet9(num_classes, dropout=dropout, logit_scale=logit_scale)
     if dropout or logit_scale != 1.0:
         raise ConfigError(f"dropout and logit_scale are options of resnet9 only, not of {name}")
-    return MODELS[name](num_classes)
+    return VGGNet(num_classes, rank=rank) if name == "vgg" else MODELS[name](num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:
