@@ -11,24 +11,22 @@ channels_last). Each measurement prints one JSON line (also appended to --out); 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 from argparse import ArgumentParser
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
-from helpers import augment, engine  # noqa: E402
+from helpers import augment, hardware, loop, optim  # noqa: E402
 from helpers.config import recipe  # noqa: E402
-from helpers.data import DeviceLoader, load_cifar10, make_loader  # noqa: E402
-from helpers.files import atomic_write, jsonable  # noqa: E402
+from helpers.data import load_cifar10  # noqa: E402
+from helpers.loaders import DeviceLoader, make_loader  # noqa: E402
 from helpers.models import MODELS, get_model  # noqa: E402
-from helpers.runinfo import public_command, run_info  # noqa: E402
+from helpers.runinfo import emit, public_command, run_info  # noqa: E402
 
 DEFAULTS = dict(data_batch=512, workers=[0, 1, 2, 4, 8, 16])   # then AUTO by device, then DRY_RUN; flags win
 AUTO = {"cuda": dict(train_batch=512, eval_batch=1024, min_run_time=1.0, warmup=10),
@@ -36,16 +34,6 @@ AUTO = {"cuda": dict(train_batch=512, eval_batch=1024, min_run_time=1.0, warmup=
 DRY_RUN = dict(data_batch=32, workers=[0, 1], train_batch=16, eval_batch=32, min_run_time=0.05, warmup=1)
 CHOICES = {"models": tuple(MODELS), "precisions": ("fp32", "bf16"), "layouts": ("nchw", "channels_last"),
            "skip": ("data", "train", "eval")}
-
-
-def emit(record: dict, out=None) -> None:
-    """Print one JSON line; with `out`, append it to that .jsonl file (rewritten atomically)."""
-    line = json.dumps(record, default=jsonable)
-    print(line, flush=True)
-    if out:
-        old = Path(out).read_text() if Path(out).exists() else ""
-        with atomic_write(out, "w") as f:
-            f.write(old + line + "\n")
 
 
 def endless(loader, device):
@@ -80,13 +68,12 @@ def model_cases(args, data, device, kind):
         model = get_model(name, dropout=r.dropout).to(device)
         model = model.to(memory_format=torch.channels_last) if cl else model
         if kind == "train":
-            opt = engine.make_optimizer(r.optimizer, model.parameters(), r.lr, r.momentum, r.weight_decay, r.nesterov)
+            opt = optim.optimizer_for(r, model.parameters())
             loss = torch.nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
-            run = engine.RunOptions(str(device), amp=amp, channels_last=cl, progress=False)
-            fn = lambda m=model, o=opt, lf=loss, ro=run: engine.train_one_epoch(m, [(x, y)], o, loss_fn=lf, options=ro)
+            run = hardware.RunOptions(str(device), amp=amp, channels_last=cl, progress=False)
+            fn = lambda m=model, o=opt, lf=loss, ro=run: loop.train_one_epoch(m, [(x, y)], o, loss_fn=lf, options=ro)
         else:
-            fn = lambda m=model, a=amp, c=cl: engine.evaluate(m, [(x, y)], device=device, amp=a, channels_last=c,
-                                                              progress=False)
+            fn = lambda m=model, a=amp, c=cl: loop.evaluate(m, [(x, y)], amp=a, channels_last=c, progress=False)
         yield kind, f"{name} {layout}", precision, fn, b, {"model": name, "precision": precision, "layout": layout}
 
 
@@ -146,7 +133,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    device = engine.get_device(None if args.device == "auto" else args.device)
+    device = hardware.get_device(None if args.device == "auto" else args.device)
     fill = {**DEFAULTS, **AUTO["cuda" if device.type == "cuda" else "cpu"], **(DRY_RUN if args.dry_run else {})}
     for k, v in fill.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))

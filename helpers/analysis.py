@@ -1,89 +1,24 @@
-"""Inference and error analysis: a model's logits over a loader (what evaluation in
-training uses too), predictions with per-image loss, confusion matrix, per-class accuracy,
-the most confused pairs (seed 001's table) and the misclassified images sorted by loss.
+"""Error analysis, on a model's predictions: per-image probabilities and loss, confusion
+matrix, per-class accuracy, the most confused pairs (seed 001's table), the misclassified
+images sorted by loss, Grad-CAM, and the tables the notebooks and the CLI print. The model
+runs through helpers.loop's `predict_logits`, as evaluation in training does.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from .data import make_loader
-
-
-# ----------------------------------------------------------------------------------------
-# Running a model over a loader: the device, the precision, the logits
-# ----------------------------------------------------------------------------------------
-def autocast(device, amp: str | None):
-    """Autocast to bf16 or fp16 on `device` for amp="bf16"/"fp16"; nothing for None (fp32)."""
-    if amp is None:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def to_device(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
-    """`x` on `device`; an image batch stored NHWC with channels_last."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """An NCHW batch translated by (dy, dx) pixels (content moves down/right for positive
-    values), the uncovered border filled by reflection, as the augmentation's padding is."""
-    s = max(abs(dy), abs(dx))
-    if s == 0:
-        return x
-    padded = F.pad(x, (s, s, s, s), mode="reflect")
-    h, w = x.shape[-2:]
-    out = padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
-    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-        memory_format=torch.channels_last) and not x.is_contiguous() else out
-
-
-def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
-    """Test-time augmentation: the batch, shifted by (-shift, -shift) and (+shift, +shift) when
-    shift > 0, and the mirror image of each of these when flip is set (1 to 6 views)."""
-    views = [x] + ([shifted(x, -shift, -shift), shifted(x, shift, shift)] if shift else [])
-    return views + [v.flip(3) for v in views] if flip else views
-
-
-def tta_label(flip: bool, shift: int) -> str:
-    """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none'."""
-    return " + ".join(["flip"] * bool(flip) + [f"{shift} px shifts"] * bool(shift)) or "none"
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader, device="cpu", amp: str | None = None,
-                   channels_last: bool = False, tta_flip: bool = False, progress: bool = False,
-                   desc: str = "predict", tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for every batch of `loader`, on the CPU, in loader order.
-
-    tta_flip / tta_shift average the logits over the views of `tta_views` (the mirror image,
-    copies shifted by a few pixels).
-    """
-    device = torch.device(device)
-    model.eval()
-    logits, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x = to_device(x, device, channels_last)
-        with autocast(device, amp):
-            views = tta_views(x, tta_flip, tta_shift)
-            out = sum(model(v).float() for v in views) / len(views)
-        logits.append(out.cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(logits), torch.cat(labels)
+from .loaders import make_loader
+from .loop import predict_logits
 
 
 # ----------------------------------------------------------------------------------------
 # Predictions and the error analysis
 # ----------------------------------------------------------------------------------------
-
-
 @dataclass
 class Predictions:
     """What a model says about a set of images, aligned with the images' order."""
@@ -103,15 +38,13 @@ class Predictions:
         return float(self.correct.mean())
 
 
-def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu",
-            batch_size: int = 512, tta_flip: bool = False, progress: bool = False,
-            tta_shift: int = 0) -> Predictions:
+def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu", *,
+            batch_size: int = 512, tta_flip: bool = False, tta_shift: int = 0, progress: bool = False) -> Predictions:
     """Run `model` over uint8 images (normalised with mean/std) and collect everything per image."""
     from .augment import test_transforms           # albumentations: imported only when used
 
     loader = make_loader(images, labels, test_transforms(mean, std), batch_size=batch_size)
-    logits, y = predict_logits(model.to(device), loader, device, tta_flip=tta_flip, progress=progress,
-                               tta_shift=tta_shift)
+    logits, y = predict_logits(model.to(device), loader, tta_flip=tta_flip, tta_shift=tta_shift, progress=progress)
     losses = F.cross_entropy(logits, y, reduction="none")
     probs = logits.softmax(1)
     return Predictions(logits.numpy(), y.numpy(), probs.numpy(), logits.argmax(1).numpy(), losses.numpy())
@@ -166,7 +99,7 @@ def cam_layer(model: nn.Module) -> nn.Module:
     raise TypeError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, images: np.ndarray, classes, mean, std, device="cpu",
+def grad_cam(model: nn.Module, images: np.ndarray, classes, mean, std, device="cpu", *,
              layer: nn.Module | None = None) -> np.ndarray:
     """Grad-CAM heatmaps (N, 32, 32) in 0..1: for each uint8 image, the evidence in `layer`
     (default: cam_layer(model)) for the class given in `classes`, per pixel (pytorch_grad_cam)."""
@@ -208,7 +141,5 @@ def class_report(cm: np.ndarray, classes) -> str:
     return format_table(rows, ("class", "images", "correct", "accuracy"))
 
 
-__all__ = ["autocast", "to_device", "shifted", "tta_views", "tta_label", "predict_logits", "Predictions", "predict",
-           "confusion_matrix",
-           "per_class_accuracy", "top_confused_pairs", "misclassified_by_loss", "cam_layer", "grad_cam",
-           "format_table", "class_report"]
+__all__ = ["Predictions", "predict", "confusion_matrix", "per_class_accuracy", "top_confused_pairs",
+           "misclassified_by_loss", "cam_layer", "grad_cam", "format_table", "history_table", "class_report"]

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -19,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import config, distributed as ddp
-from .errors import CheckpointError, ConfigError, CourseError, DatasetError
-from .files import save_json
+from .errors import CheckpointError, ConfigError, CourseError
+from .data import load_data
+from .files import save_json, writable_dir
 from .runinfo import run_info
 
 MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact, fast
@@ -129,7 +129,7 @@ def _add_train(sub) -> None:
     a("--workers", type=non_negative_int, help="data-loading processes; results depend on it "
       "(default: 0 with the on-device augmentation, else 2)")
     a("--resume", metavar="PATH", help="continue the run saved in PATH, a <model>_last.pt (default: start afresh)")
-    # speed settings: what a flag says, else what helpers.engine.auto_options picks for the device
+    # speed settings: what a flag says, else what helpers.hardware.auto_options picks for the device
     a("--fast-augment", action=argparse.BooleanOptionalAction, help="the recipe's augmentation (seed001, "
       "flip-translate) on whole uint8 batches on the device (default: on where the recipe's has that twin)")
     a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision. auto: bf16 on "
@@ -176,19 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------
-# main, and the data and files every command reads and writes
+# main, and the files every command writes
 # ----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     """Run one command; returns the exit status (argparse exits 2 itself on bad flags)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     with warnings.catch_warnings():
         if not args.verbose:
             warnings.simplefilter("ignore")      # seed 003: warnings only with --verbose
         try:
             if getattr(args, "smoke", None) is None:
-                args.smoke = config.smoke_mode()             # the flag, else SMOKE_TEST
+                args.smoke = config.smoke_mode()             # the flag, else SMOKE_TEST (an entry point)
             return {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}[args.command](args) or 0
         except CourseError as e:
             if args.verbose:
@@ -205,37 +204,6 @@ def _say(*lines, file=None) -> None:
     print(*lines, sep="\n", file=file or sys.stdout, flush=True)
 
 
-def load_data(train_path=None, test_path=None, download: bool = False, smoke: bool = False):
-    """CIFAR-10 from the paths (the train split of one, the test split of the other), else $CIFAR10_DIR, else ./data."""
-    from .data import CIFAR10Data, load_cifar10
-
-    for path, flag in ((train_path, "--train_path"), (test_path, "--test_path")):
-        if path is not None and not download and not Path(path).expanduser().exists():
-            raise DatasetError(f"{flag} {Path(path).expanduser()} does not exist: fix the path or add --download")
-    train_root, test_root = train_path or test_path, test_path or train_path
-    try:
-        data = load_cifar10(train_root, download=download or train_root is None)   # ./data: as data.py does
-        if test_root is not None and Path(test_root).expanduser().resolve() != Path(train_root).expanduser().resolve():
-            other = load_cifar10(test_root, download=download)
-            data = CIFAR10Data(data.train_images, data.train_labels, other.test_images, other.test_labels,
-                               data.classes, f"train: {data.source}; test: {other.source}")
-    except DatasetError as e:
-        raise DatasetError(str(e).replace("or allow download", "or add --download")) from None
-    return data.smoke_subset() if smoke else data
-
-
-def _writable_dir(path: Path, flag: str) -> Path:
-    """Create `path` if needed and check that files can be written there."""
-    path = Path(path).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {path} ({e.strerror or e}): "
-                              f"choose a writable folder with {flag}") from None
-    return path
-
-
 def _save(what: str, path: Path, obj, flag: str = "--out") -> None:
     """Write a JSON record (a dict) or a matplotlib figure atomically and say so; one-line errors."""
     from .plots import close, save_figure
@@ -243,10 +211,9 @@ def _save(what: str, path: Path, obj, flag: str = "--out") -> None:
     try:
         _say(f"saved {what}: {save_json(path, obj) if isinstance(obj, dict) else save_figure(obj, path)}")
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror}): choose a writable folder with {flag}") from None
+        raise CheckpointError(f"cannot write {path} ({e.strerror}): choose a writable folder with {flag}") from e
     finally:
-        if not isinstance(obj, dict):
-            close(obj)
+        close(obj) if not isinstance(obj, dict) else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,7 +238,7 @@ def train_recipe(args):
 
 def _start(args, name, r, data, info, resumed, last) -> tuple[dict, list[str]]:
     """The record <model>_history.json keeps of a run (results to come), and what the run says as it starts."""
-    from .engine import input_stats
+    from .loaders import input_stats
 
     n, n_val = info.world_size, int(round(r.val_split * len(data.train_labels) / 10)) * 10 if r.val_split else 0
     mean, std = input_stats(r, data)                  # what the saved model's inputs are normalised with
@@ -310,13 +277,13 @@ def cmd_train(args) -> int:
     name, r = train_recipe(args)
     save = args.serialize or not args.dry_run
     last = Path(args.checkpoints).expanduser() / f"{r.model}_last.pt" if save else None
-    if save and os.environ.get("RANK", "0") == "0":     # fail fast, before joining a process group
-        _writable_dir(last.parent, "--checkpoints")
+    if save and os.environ.get("RANK", "0") == "0":
+        writable_dir(last.parent, "--checkpoints")     # fail fast, before joining a process group
     resumed = checkpoint.check_resume(args.resume, r) if args.resume else None
     with ddp.distributed(args.device) as info:
         log = print if info.is_main else (lambda *a, **k: None)
         t0 = time.time()                             # the whole run: data load, training, evaluation
-        data = load_data(args.train_path, args.test_path, args.download, args.smoke)
+        data = load_data(args.train_path, args.test_path, download=args.download, smoke=args.smoke)
         options = speed_options(args, r, info.device, resumed)
         rec, lines = _start(args, name, r, data, info, resumed, last)
         log(*lines, options.describe(), sep="\n")
@@ -327,53 +294,17 @@ def cmd_train(args) -> int:
 
 
 def speed_options(args, r, device, resumed: dict | None = None):
-    """engine.RunOptions from the speed flags, with the reasons the opening lines print. A resumed
-    run takes the settings its checkpoint records (a flag that contradicts one is refused);
-    otherwise each flag left out is what engine.auto_options picks for the device. args gets the
-    resolved values, which the history records."""
-    from . import augment, checkpoint, engine
+    """hardware.RunOptions from the speed flags (hardware.choose_options: a flag, else the checkpoint
+    being resumed, else auto_options). args gets the resolved values, which the history records."""
+    from . import hardware
 
     given = {} if args.amp == "auto" else {"amp": None if args.amp == "off" else args.amp}
     given.update({k: getattr(args, k) for k in ("channels_last", "fast_augment", "workers")
                   if getattr(args, k) is not None})
-    saved = (resumed or {}).get("options")
-    if saved is not None:
-        if diffs := checkpoint.setting_changes(saved, given):
-            raise ConfigError(f"cannot resume {args.resume} with other speed settings ({'; '.join(diffs)}): drop "
-                              "those flags (a resumed run keeps its own) or start a new run without --resume")
-        chosen, why = dict(saved), ["as the run being resumed (its checkpoint records them)"]
-    else:
-        auto, why = engine.auto_options(device), []
-        chosen = {"amp": given.get("amp", auto.amp)}
-        why.append(auto.reasons[0] if "amp" not in given else f"{chosen['amp'] or 'fp32'}: --amp {args.amp}")
-        if "channels_last" in given:
-            chosen["channels_last"] = given["channels_last"]
-            why.append(f"channels_last {'on' if given['channels_last'] else 'off'}: "
-                       f"--{'' if given['channels_last'] else 'no-'}channels-last")
-        else:                                          # NHWC pays with the bf16/fp16 matrix units
-            chosen["channels_last"] = auto.channels_last and chosen["amp"] is not None
-            if "amp" in given:
-                why.append(f"channels_last {'on' if chosen['channels_last'] else 'off'}: follows --amp {args.amp}")
-            elif device.type == "cuda":
-                why.append(auto.reasons[1])
-        if "fast_augment" in given:
-            chosen["fast_augment"] = given["fast_augment"]
-            why.append(f"on-device augmentation {'on' if given['fast_augment'] else 'off'}: "
-                       f"--{'' if given['fast_augment'] else 'no-'}fast-augment")
-        else:
-            chosen["fast_augment"] = auto.fast_augment and r.augment in (*augment.PRESETS, "none")
-            why.append(auto.reasons[-1] if chosen["fast_augment"] else
-                       f"loader augmentation: {r.augment} has no on-device twin (it has {', '.join(augment.PRESETS)})")
-        chosen["workers"] = given.get("workers", 0 if chosen["fast_augment"] else 2)
-        if resumed is not None:
-            why.append("note: the checkpoint predates recorded speed settings; the run ends exactly as an "
-                       "uninterrupted one only if these are the original run's")
-    if chosen["amp"] == "fp16" and device.type == "cpu":
-        raise ConfigError(engine.FP16_ON_CPU)
+    options = hardware.choose_options(device, given, augment=r.augment, resumed=resumed, compile=args.compile)
     args.amp, args.channels_last, args.fast_augment, args.workers = (
-        chosen["amp"], chosen["channels_last"], chosen["fast_augment"], chosen["workers"])
-    return engine.RunOptions(str(device), args.amp, args.channels_last, args.fast_augment, args.compile,
-                             args.workers, reasons=tuple(why))
+        options.amp, options.channels_last, options.fast_augment, options.workers)
+    return options
 
 
 def _finish(args, r, rec, result, classes, device) -> None:
@@ -399,33 +330,22 @@ def _finish(args, r, rec, result, classes, device) -> None:
     _save("curves", folder / f"{r.model}_curves.png", plots.training_curves(history), "--checkpoints")
 
 
-def _load_for_inference(path, device_arg):
-    """(model, checkpoint, device, the test-time augmentation its recipe tests with as predict's
-    keywords, the (mean, std) it records or None)."""
-    from . import checkpoint, engine
-
-    model, ckpt = checkpoint.load_model(path, device := engine.get_device(device_arg))
-    stats = (ckpt["mean"], ckpt["std"]) if ckpt.get("mean") is not None and ckpt.get("std") is not None else None
-    recorded = ckpt.get("config") or {}
-    tta = {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0)}
-    return model, ckpt, device, tta, stats
-
-
 def _tta_text(tta: dict) -> str:
     """', TTA: flip', ', TTA: flip + 1 px shifts' or '' without test-time augmentation."""
-    from .analysis import tta_label
+    from .loop import tta_label
 
     return f", TTA: {tta_label(tta['tta_flip'], tta['tta_shift'])}" if tta["tta_flip"] or tta["tta_shift"] else ""
 
 
 def cmd_test(args) -> int:
-    from . import analysis, plots
+    from . import analysis, checkpoint, hardware, plots
 
-    model, ckpt, device, tta, stats = _load_for_inference(args.model, args.device)
+    model, ckpt = checkpoint.load_model(args.model, device := hardware.get_device(args.device))
+    tta, stats = checkpoint.inference_settings(ckpt)
     if TTA_CHOICES[args.tta]:                      # --tta instead of the recipe's
         tta = dict(zip(("tta_flip", "tta_shift"), TTA_CHOICES[args.tta]))
-    out = _writable_dir(Path(args.out) if args.out else Path(args.model).expanduser().parent, "--out")
-    data = load_data(None, args.test_path, args.download, args.smoke)
+    out = writable_dir(Path(args.out) if args.out else Path(args.model).expanduser().parent, "--out")
+    data = load_data(None, args.test_path, download=args.download, smoke=args.smoke)
     recipe = f", {ckpt['recipe']} recipe" if ckpt.get("recipe") else ""
     _say(f"model: {args.model} ({ckpt['arch']}{recipe}) on {device}" + _tta_text(tta)
          + ("; normalised with its mean/std" if stats else "; normalised with the data's (the checkpoint has none)"),
@@ -451,20 +371,21 @@ def cmd_test(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from . import analysis, checkpoint, data
+    from . import analysis, checkpoint, data, hardware, images as own
 
-    images, notes = data.read_images(args.images)         # every file checked before the model loads
+    images, notes = own.read_images(args.images)         # every file checked before the model loads
     for note in notes:
         _say(f"note: {note}", file=sys.stderr)
     model_path = Path(args.model).expanduser() if args.model else checkpoint.freshest_checkpoint(
         (config.DEFAULT_CHECKPOINT_DIR / "resnet9.pt", config.SHIPPED_MODEL),
         "train one with `python -m helpers train --serialize` or pass --model PATH")
-    plot = _writable_dir(Path(args.plot).expanduser().parent, "--plot") / Path(args.plot).name if args.plot else None
-    model, ckpt, device, tta, stats = _load_for_inference(model_path, args.device)
+    plot = writable_dir(Path(args.plot).expanduser().parent, "--plot") / Path(args.plot).name if args.plot else None
+    model, ckpt = checkpoint.load_model(model_path, device := hardware.get_device(args.device))
+    tta, stats = checkpoint.inference_settings(ckpt)
     if stats is None:
         _say(f"note: {model_path} records no mean/std: using CIFAR-10's standard ones", file=sys.stderr)
     classes, unknown = tuple(ckpt.get("classes") or data.CLASSES), np.zeros(len(images), dtype=np.int64)  # no labels
-    probs = analysis.predict(model, images, unknown, *(stats or (data.CIFAR10_MEAN, data.CIFAR10_STD)), device,
+    probs = analysis.predict(model, images, unknown, *(stats or (own.CIFAR10_MEAN, own.CIFAR10_STD)), device,
                              **tta).probs
     _say(f"model: {model_path} ({ckpt['arch']})")
     width = max(len(c) for c in classes)

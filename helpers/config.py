@@ -1,8 +1,10 @@
-"""Settings: the seed recipes as plain, commented defaults, and the smoke-test switch.
+"""Settings: the seed recipes as plain, commented defaults, and smoke mode.
 
 Everything a run can change lives in one `Recipe`. `recipe("resnet9")` returns seed 001's
-recipe; with `SMOKE_TEST=1` in the environment it is shrunk so that a CPU finishes in
-seconds (about 1,000 train and 500 test images, few epochs, a short LR range test).
+recipe; `recipe("resnet9", smoke=True)` shrinks it so that a CPU finishes in seconds (about
+1,000 train and 500 test images, few epochs, a short LR range test). Only the entry points
+read the SMOKE_TEST variable (`smoke_mode()`): the notebooks' first cells, the command line
+and the test suite; everything else takes `smoke` as an argument.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ DROPOUT = 0.1             # seed 001: "dropout in all layers"; 0.1 is its packag
 # loss: CrossEntropyLoss on the logits (the model's "SoftMax" lives inside the loss)
 
 # ----------------------------------------------------------------------------------------
-# Smoke mode: SMOKE_TEST=1 turns every run into a quick real-data check for CI and CPUs
+# Smoke mode: a quick real-data check for CI and CPUs (SMOKE_TEST=1 at the entry points)
 # ----------------------------------------------------------------------------------------
 SMOKE_TRAIN_PER_CLASS = 100   # 1,000 train images
 SMOKE_TEST_PER_CLASS = 50     # 500 test images
@@ -81,21 +83,22 @@ class Recipe:
     notes: str = ""
 
     def validate(self) -> "Recipe":
-        """Raise ConfigError for values no run can use."""
+        """Raise ConfigError for values no run can use. The names come from the registries
+        that build the runs: helpers.models.MODELS, helpers.optim.OPTIMIZERS and
+        helpers.augment.AUGMENTATIONS."""
+        from .augment import AUGMENTATIONS
         from .models import MODELS
+        from .optim import check_optimizer, check_peak
 
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        if self.optimizer not in {"adam", "sgd", "nadam"}:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose adam, sgd or nadam")
+        check_optimizer(self.optimizer, self.lr, self.weight_decay)
         if self.schedule not in {"onecycle", "constant"}:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose onecycle or constant")
-        if self.augment not in {"seed001", "seed004", "flip-translate", "none"}:
-            raise ConfigError(f"unknown augmentation {self.augment!r}: choose seed001, seed004, "
-                              "flip-translate or none")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augment!r}: choose {', '.join(AUGMENTATIONS)}")
         for name in ("epochs", "batch_size", "test_batch_size"):
             require_whole(name, getattr(self, name))
-        require_positive("learning rate", self.lr, " (try the LR finder's suggestion, e.g. 2.5e-3)")
         if self.lr_min is not None:
             require_positive("lr_min", self.lr_min)
         if not 0.0 <= self.dropout < 1.0:
@@ -111,14 +114,10 @@ class Recipe:
             raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay!r}: try 1e-3")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}")
-        if self.schedule == "onecycle" and not 1 <= self.peak_epoch <= self.epochs:
-            raise ConfigError(
-                f"peak epoch {self.peak_epoch} is outside 1..{self.epochs}: "
-                "choose a peak epoch no later than the last epoch")
+        if self.schedule == "onecycle":
+            check_peak(self.peak_epoch, self.epochs)
         return self
 
     def replace(self, **changes) -> "Recipe":
@@ -171,12 +170,12 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe(name: str = "resnet9", smoke: bool | None = None, **changes) -> Recipe:
-    """The named recipe, shrunk for smoke mode (default: the SMOKE_TEST variable)."""
+def recipe(name: str = "resnet9", smoke: bool = False, **changes) -> Recipe:
+    """The named recipe, shrunk with smoke=True to a few quick epochs, with `changes` applied."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     r = dataclasses.replace(RECIPES[name])
-    if smoke_mode() if smoke is None else smoke:
+    if smoke:
         r = r.replace(epochs=SMOKE_EPOCHS, batch_size=min(r.batch_size, SMOKE_BATCH_SIZE),
                       peak_epoch=1, test_batch_size=max(r.test_batch_size, 256))
         if r.early_stopping_patience is not None:
@@ -194,17 +193,10 @@ SMOKE_CHECKPOINT_DIR = Path("artifacts") / "smoke"  # ... and where it writes in
 SHIPPED_MODEL = REPO_ROOT / "models" / "resnet9_cifar10.pt"
 
 
-def artifacts_dir(smoke: bool | None = None) -> Path:
+def artifacts_dir(smoke: bool) -> Path:
     """Where the notebooks hand files to each other: artifacts/, or artifacts/smoke/ for smoke
-    runs (CI, a plain pytest), so that those never overwrite or resume a full run's checkpoints.
-    `config.ARTIFACTS_DIR` is this for the current SMOKE_TEST, read when it is used."""
-    return REPO_ROOT / "artifacts" / ("smoke" if (smoke_mode() if smoke is None else smoke) else "")
-
-
-def __getattr__(name: str):
-    if name == "ARTIFACTS_DIR":
-        return artifacts_dir()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    runs (CI, a plain pytest), so that those never overwrite or resume a full run's checkpoints."""
+    return REPO_ROOT / "artifacts" / ("smoke" if smoke else "")
 
 
 def cache_dir() -> Path:

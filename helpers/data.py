@@ -1,4 +1,4 @@
-"""Data: load CIFAR-10 from any source, check it, describe it, and feed it to a model.
+"""Data: load CIFAR-10 from any source, check it and describe it (helpers.loaders feeds it to a model).
 
 Sources, in the order `load_cifar10()` looks for them:
   1. the `root` argument,
@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import config
-from .errors import ConfigError, DatasetError, require_positive, require_whole
+from .errors import ConfigError, DatasetError, require_whole
 from .files import atomic_write
 
 # ----------------------------------------------------------------------------------------
@@ -160,6 +157,25 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True,
     _validate(data, path, expect_full)
     data.source = describe_source(root, kind, path)
     return data
+
+
+def load_data(train_path=None, test_path=None, *, download: bool = False, smoke: bool = False) -> CIFAR10Data:
+    """CIFAR-10 for the command line: the train split from `train_path` and the test split from
+    `test_path` (each defaulting to the other), else $CIFAR10_DIR, else ./data; the smoke
+    subset with smoke=True."""
+    for path, flag in ((train_path, "--train_path"), (test_path, "--test_path")):
+        if path is not None and not download and not Path(path).expanduser().exists():
+            raise DatasetError(f"{flag} {Path(path).expanduser()} does not exist: fix the path or add --download")
+    train_root, test_root = train_path or test_path, test_path or train_path
+    try:
+        data = load_cifar10(train_root, download=download or train_root is None)   # ./data: as load_cifar10 does
+        if test_root is not None and Path(test_root).expanduser().resolve() != Path(train_root).expanduser().resolve():
+            other = load_cifar10(test_root, download=download)
+            data = CIFAR10Data(data.train_images, data.train_labels, other.test_images, other.test_labels,
+                               data.classes, f"train: {data.source}; test: {other.source}")
+    except DatasetError as e:
+        raise DatasetError(str(e).replace("or allow download", "or add --download")) from e
+    return data.smoke_subset() if smoke else data
 
 
 def describe_source(root, kind: str, path: Path) -> str:
@@ -367,254 +383,3 @@ def _validate(data: CIFAR10Data, path: Path, expect_full: bool) -> None:
         if expect_full and len(images) != FULL_COUNTS[split]:
             raise DatasetError(f"{path} holds {len(images):,} {split} images, not the full "
                                f"{FULL_COUNTS[split]:,}: copy the dataset again or {HINT}")
-
-
-# ----------------------------------------------------------------------------------------
-# Feeding a model: a Dataset that augments, and loaders whose every epoch is reproducible
-# ----------------------------------------------------------------------------------------
-class AugmentedDataset(Dataset):
-    """uint8 images + labels; returns (transform(image) as a CHW float tensor, label).
-
-    `transform` is an albumentations Compose ending in ToTensorV2 (see helpers.augment).
-    Without one, images are scaled to 0..1. `recipe` optionally names the augmentation
-    parameters, so that the training engine can run the same augmentation on the GPU.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, recipe=None):
-        if len(images) != len(labels):
-            raise ConfigError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-        self.transform, self.recipe = transform, recipe
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        if self.transform is None:
-            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
-        else:
-            x = self.transform(image=img)["image"]
-        return x, int(self.labels[i])
-
-    def reseed(self, seed: int) -> None:
-        """Restart the augmentation's random stream from `seed`."""
-        if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            from .augment import seed_pipeline
-            seed_pipeline(self.transform, seed)
-
-
-def _base_dataset(ds):
-    while hasattr(ds, "dataset") and not hasattr(ds, "reseed"):
-        ds = ds.dataset  # unwrap torch.utils.data.Subset
-    return ds
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Give every DataLoader worker its own augmentation stream.
-
-    albumentations keeps its random state inside the Compose, which each worker receives
-    as an identical copy; without this every worker would augment in lockstep. torch sets
-    each worker's seed to base_seed + worker_id, and base_seed changes every epoch.
-    """
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    ds = _base_dataset(info.dataset)
-    if hasattr(ds, "reseed"):
-        ds.reseed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch's shuffling and augmentation, a pure function of its inputs."""
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
-
-
-class SeededLoader(DataLoader):
-    """A DataLoader whose epoch e depends only on (seed, e, rank): call `set_epoch(e)` first.
-
-    That makes runs repeatable with any number of workers, and lets training resume in the
-    middle of a run and see exactly the batches it would have seen.
-    """
-
-    def __init__(self, dataset, *, seed: int = 0, rank: int = 0, **kwargs):
-        kwargs.setdefault("generator", torch.Generator())
-        super().__init__(dataset, worker_init_fn=worker_init_fn, **kwargs)
-        self.seed, self.rank = seed, rank
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        s = epoch_seed(self.seed, epoch, self.rank)
-        self.generator.manual_seed(s)
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
-        if self.num_workers == 0:
-            ds = _base_dataset(self.dataset)
-            if hasattr(ds, "reseed"):
-                ds.reseed(s)
-
-
-def make_loader(images: np.ndarray, labels: np.ndarray, transform=None, *, batch_size: int = 512,
-                shuffle: bool = False, workers: int = 0, seed: int = 0, drop_last: bool = False,
-                distributed: bool = False, recipe=None) -> SeededLoader:
-    """A SeededLoader over an AugmentedDataset, pinning memory when a CUDA GPU is present.
-
-    distributed=True splits the data across the ranks of torch.distributed with a
-    DistributedSampler; each rank then gets its own augmentation stream. Workers never
-    persist across epochs: each epoch's streams restart from (seed, epoch), which is what
-    makes a resumed run bit-identical.
-    """
-    require_whole("batch size", batch_size)
-    require_whole("workers", workers, minimum=0)
-    ds = AugmentedDataset(images, labels, transform, recipe)
-    rank, sampler = 0, None
-    if distributed:
-        rank = torch.distributed.get_rank()
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False
-    return SeededLoader(ds, seed=seed, rank=rank, batch_size=batch_size, shuffle=shuffle,
-                        sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        drop_last=drop_last)
-
-
-class DeviceLoader:
-    """The fast path: the uint8 training set lives on the device, and every batch is indexed,
-    augmented (helpers.augment.BatchAugment) and normalised there, with no worker processes.
-
-    Like SeededLoader, epoch e depends only on (seed, e): call `set_epoch(e)` first.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean, std,
-                 device, augment: str = "seed001", shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, options: dict | None = None):
-        from .augment import batch_augment
-
-        require_positive("batch size", batch_size)
-        self.augment = batch_augment(augment, mean, std, **(options or {})) if augment != "none" else None
-        self.device = torch.device(device)
-        self.images = torch.as_tensor(images).to(self.device)              # uint8, moved once
-        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.generator = torch.Generator(device=self.device)
-        self.set_epoch(0)
-
-    @classmethod
-    def from_loader(cls, loader, device) -> "DeviceLoader":
-        """The fast-path twin of a make_loader() training loader (same data, batch size, seed)."""
-        ds = _base_dataset(loader.dataset)
-        spec = getattr(ds, "recipe", None)
-        if spec is None:
-            raise ConfigError("fast_augment needs a loader from make_loader(..., recipe=...) "
-                              "(helpers.engine.build_loaders makes one)")
-        world = torch.distributed.get_world_size() if isinstance(loader.sampler, DistributedSampler) else 1
-        return cls(ds.images, ds.labels, loader.batch_size, spec["mean"], spec["std"], device,
-                   spec["name"], shuffle=True, drop_last=loader.drop_last, seed=loader.seed,
-                   rank=getattr(loader, "rank", 0), world_size=world)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))
-
-    def _per_rank(self) -> int:
-        """Images each rank sees per epoch: the data padded to a multiple of the world size,
-        as DistributedSampler does, so every rank runs the same number of steps."""
-        return -(-len(self.labels) // self.world_size)
-
-    def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # same on all ranks
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        total = self._per_rank() * self.world_size
-        idx = torch.cat([idx, idx[:total - n]])                              # pad, as DistributedSampler
-        return idx[self.rank::self.world_size].to(self.device)
-
-    def __len__(self) -> int:
-        n = self._per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        from .augment import normalize_batch
-
-        idx = self._indices()
-        for i in range(len(self)):
-            b = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[b]
-            if self.augment is not None:
-                x = self.augment(x, self.generator)
-            else:
-                x = normalize_batch(x.permute(0, 3, 1, 2).float(), self.mean, self.std)
-            yield x, self.labels[b]
-
-
-# ----------------------------------------------------------------------------------------
-# Your own images: CIFAR-10's standard statistics, and any image file read as 32x32 RGB
-# ----------------------------------------------------------------------------------------
-# The mean/std of the original CIFAR-10 training set: what `predict` normalises with when a
-# checkpoint records no statistics (the checkpoints `python -m helpers train` writes always do).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-MODE_NAMES = {"L": "greyscale", "1": "black-and-white", "I": "greyscale", "I;16": "greyscale",
-              "P": "palette", "CMYK": "CMYK"}
-
-
-def read_image(path) -> tuple[np.ndarray, list[str]]:
-    """A file as a 32x32 RGB uint8 array, plus notes on what was changed to get there.
-    A missing, folder or unreadable file raises ImageError."""
-    from PIL import Image, ImageOps
-
-    from .errors import ImageError
-
-    if "://" in str(path):
-        raise ImageError(f"{path} is an address, not a file: download it first (e.g. curl -O {path}) "
-                         "and pass the file")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
-        raise ImageError(f"{p} {what}: pass image files (PNG, JPEG, ...)")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return _to_rgb32(ImageOps.exif_transpose(im))
-    except OSError as e:
-        if e.errno is not None:               # the file system refused, not the image format
-            raise ImageError(f"cannot read {p} ({e.strerror}): check its permissions") from e
-        raise ImageError(f"{p} is not a readable image ({type(e).__name__}): pass PNG, JPEG or "
-                         "other image files") from e
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{p} is not a readable image ({type(e).__name__}): pass PNG, JPEG or "
-                         "other image files") from e
-
-
-def read_images(paths) -> tuple[np.ndarray, list[str]]:
-    """Every file as 32x32 RGB, stacked (N, 32, 32, 3), and the notes as 'path: note' lines;
-    the first file that cannot be read raises ImageError."""
-    images, notes = [], []
-    for path in paths:
-        image, changes = read_image(path)
-        images.append(image)
-        notes += [f"{path}: {change}" for change in changes]
-    return np.stack(images), notes
-
-
-def _to_rgb32(im) -> tuple[np.ndarray, list[str]]:
-    """A PIL image as 32x32 RGB (transparency on white), with a note for every change."""
-    from PIL import Image
-
-    notes = []
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        notes.append("converted RGBA to RGB on a white background")
-    elif im.mode != "RGB":
-        notes.append(f"converted {MODE_NAMES.get(im.mode, im.mode)} ({im.mode}) to RGB")
-        im = im.convert("RGB")
-    if im.size != (32, 32):
-        notes.append(f"resized {im.size[0]}x{im.size[1]} to 32x32 (the models see 32x32 images)")
-        im = im.resize((32, 32), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8), notes

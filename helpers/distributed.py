@@ -80,7 +80,7 @@ def setup(device: str | None = None, timeout_s: float = 1800) -> DistInfo:
     import torch
     import torch.distributed as dist
 
-    from .engine import get_device
+    from .hardware import get_device
 
     env = torchrun_env()
     if env is None:
@@ -132,3 +132,39 @@ def distributed(device: str | None = None) -> Iterator[DistInfo]:
     finally:
         if info.enabled:
             cleanup()
+
+
+# ----------------------------------------------------------------------------------------
+# What the training loop asks of a process group (each a no-op in a single process)
+# ----------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """True in a single process, and on rank 0 of a distributed run."""
+    import torch.distributed as dist
+
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """`tensor` summed ("sum") or maximised ("max") over every process, in place; returns it."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (in a single process: `value`)."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

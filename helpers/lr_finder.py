@@ -3,8 +3,8 @@ file that carries that choice from notebook 03 to notebook 04.
 
     result = range_test(model, train_loader, optimizer)      # model and optimizer restored after
     plots.lr_range_test(result)                              # loss against LR, suggestion marked (helpers.plots)
-    save_lr_choice(LR_CHOICE_FILE, result.suggestion)        # LR_MIN defaults to LR_MAX / 10
-    load_lr_choice()                                         # -> {"lr_max", "lr_min", "source", ...}
+    save_lr_choice(lr_choice_file(smoke), result.suggestion) # LR_MIN defaults to LR_MAX / 10
+    load_lr_choice(lr_choice_file(smoke))                    # -> {"lr_max", "lr_min", "source", ...}
 
 The range test trains for `num_iter` batches while the LR grows geometrically from
 `start_lr` to `end_lr` (it stops early only if the smoothed loss exceeds DIVERGE_TH times its
@@ -32,12 +32,6 @@ from .errors import ConfigError, require_positive, require_whole
 from .files import save_json
 
 LR_CHOICE_NAME = "lr_choice.json"     # in config.artifacts_dir(): written by notebook 03, read by 04
-
-
-def __getattr__(name: str):
-    if name == "LR_CHOICE_FILE":          # for the current SMOKE_TEST, read when it is used
-        return config.artifacts_dir() / LR_CHOICE_NAME
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
 SKIP_END = 5      # ... and the last 5 (where the loss explodes)
 SMOOTH_F = 0.05   # torch-lr-finder's defaults: the loss curve's exponential smoothing ...
@@ -92,39 +86,42 @@ def _check_ordered(low_name: str, low, high_name: str, high, hint: str) -> None:
         raise ConfigError(f"{low_name} {low:g} must be below {high_name} {high:g}{hint}")
 
 
-def default_num_iter() -> int:
-    """100 iterations, or config.SMOKE_LR_FINDER_ITERS in smoke mode (SMOKE_TEST=1)."""
-    return config.SMOKE_LR_FINDER_ITERS if config.smoke_mode() else config.LR_FINDER_ITERS
+def lr_choice_file(smoke: bool) -> Path:
+    """Where notebook 03 leaves its LR choice for notebook 04 (artifacts/, or artifacts/smoke/)."""
+    return config.artifacts_dir(smoke) / LR_CHOICE_NAME
 
 
-def default_batch_size() -> int:
+def default_num_iter(smoke: bool) -> int:
+    """100 iterations, or config.SMOKE_LR_FINDER_ITERS in smoke mode."""
+    return config.SMOKE_LR_FINDER_ITERS if smoke else config.LR_FINDER_ITERS
+
+
+def default_batch_size(smoke: bool) -> int:
     """Seed 001's batch size (512), or config.SMOKE_BATCH_SIZE in smoke mode."""
-    return config.SMOKE_BATCH_SIZE if config.smoke_mode() else config.BATCH_SIZE
+    return config.SMOKE_BATCH_SIZE if smoke else config.BATCH_SIZE
 
 
-def range_test_loader(data, batch_size: int | None = None, seed: int = 0):
+def range_test_loader(data, batch_size: int = config.BATCH_SIZE, seed: int = 0):
     """The shuffled, augmented (seed 001) training loader a range test draws its batches from."""
     from .augment import train_transforms
-    from .data import make_loader
+    from .loaders import make_loader
 
     return make_loader(data.train_images, data.train_labels, train_transforms(data.mean, data.std),
-                       batch_size=batch_size or default_batch_size(), shuffle=True, seed=seed)
+                       batch_size=batch_size, shuffle=True, seed=seed)
 
 
-def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer, criterion=None,
-               device="cpu", start_lr: float = 1e-7, end_lr: float = 10, num_iter: int | None = None,
+def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer, criterion=None, *,
+               device="cpu", start_lr: float = 1e-7, end_lr: float = 10, num_iter: int = config.LR_FINDER_ITERS,
                progress: bool = True, amp: str | None = None) -> RangeTestResult:
     """Run torch-lr-finder's range test and restore the model and optimizer afterwards.
 
-    num_iter=None means 100 iterations (config.SMOKE_LR_FINDER_ITERS in smoke mode). The
-    optimizer must be fresh: torch-lr-finder refuses one a scheduler has touched, so create
-    the range test's optimizer before any scheduler (e.g. helpers.engine.one_cycle).
+    The optimizer must be fresh: torch-lr-finder refuses one a scheduler has touched, so create
+    the range test's optimizer before any scheduler (e.g. helpers.optim.one_cycle).
     The weights, BatchNorm statistics and optimizer state are exactly as before the call.
     amp="bf16" runs the forward passes under bf16 autocast, as training will (twice as fast
     on a CPU with AVX-512 BF16); anything else runs in fp32.
     """
     _check_ordered("start_lr", start_lr, "end_lr", end_lr, ": swap them")
-    num_iter = default_num_iter() if num_iter is None else num_iter
     require_whole("num_iter", num_iter, minimum=2)
     if any("initial_lr" in g for g in optimizer.param_groups):
         raise ConfigError("this optimizer already has an LR scheduler attached: create a fresh optimizer "
@@ -164,14 +161,13 @@ def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer,
 # ----------------------------------------------------------------------------------------
 # Choosing LR_MAX and LR_MIN
 # ----------------------------------------------------------------------------------------
-def choose_lr(result: RangeTestResult, smoke: bool | None = None) -> dict:
+def choose_lr(result: RangeTestResult, smoke: bool = False) -> dict:
     """The LRs to train with: LR_MAX = the suggestion and LR_MIN = LR_MAX / 10 (seed 001).
 
     In smoke mode a few iterations on 1,000 images make the suggestion noise, so seed 001's
     LR_MAX (config.LR_MAX) is chosen instead; the suggestion is still recorded.
     Returns keyword arguments for save_lr_choice.
     """
-    smoke = config.smoke_mode() if smoke is None else smoke
     info = {"suggestion": float(result.suggestion), "num_iter": len(result.lrs), "smoke": bool(smoke)}
     if smoke:
         return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "seed 001 default (smoke mode)",
@@ -185,10 +181,10 @@ def choose_lr(result: RangeTestResult, smoke: bool | None = None) -> dict:
 def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> Path:
     """Write {"lr_max", "lr_min", "source", **info} as JSON, atomically (temporary file + rename).
 
-    path=None means LR_CHOICE_FILE (artifacts/lr_choice.json). lr_min defaults to lr_max / 10.
+    `path`: e.g. lr_choice_file(smoke). lr_min defaults to lr_max / 10.
     Raises ConfigError unless both LRs are positive and finite and lr_min < lr_max.
     """
-    path = Path(path) if path is not None else config.artifacts_dir() / LR_CHOICE_NAME
+    path = Path(path)
     if isinstance(lr_max, (np.floating, np.integer)):
         lr_max = lr_max.item()
     lr_min = lr_max / 10 if lr_min is None and isinstance(lr_max, (int, float)) else lr_min
@@ -204,14 +200,14 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
     return path
 
 
-def load_lr_choice(path=None) -> dict:
+def load_lr_choice(path) -> dict:
     """The saved LR choice, or seed 001's documented defaults when there is no file.
 
     Missing file: {"lr_max": config.LR_MAX (2.54e-3), "lr_min": config.LR_MIN (LR_MAX / 10),
     "source": "defaults", "note": ...}. A file that is not valid JSON or holds bad values
     raises ConfigError naming the file (run notebook 03 again, or delete it).
     """
-    path = Path(path) if path is not None else config.artifacts_dir() / LR_CHOICE_NAME
+    path = Path(path)
     if not path.is_file():
         return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "defaults",
                 "note": f"no {path.name} found: seed 001's LR_MAX and LR_MIN from helpers.config "
@@ -272,22 +268,23 @@ class SchedulePlan:
         ])
 
 
-def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None,
+def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None, *,
                       epochs: int = config.EPOCHS, peak_epoch: int = config.PEAK_EPOCH,
                       train_size: int = 50_000, batch_size: int = config.BATCH_SIZE) -> SchedulePlan:
-    """Step helpers.engine.one_cycle on a dummy optimizer and record the LR of every step.
+    """Step helpers.optim.one_cycle on a dummy optimizer and record the LR of every step.
 
     The defaults are seed 001's full run: 50,000 images at batch 512 -> 98 steps per epoch,
     24 epochs -> 2,352 steps, the peak on the last step of epoch 5 (step 489).
     """
-    from .engine import one_cycle
+    from .optim import one_cycle
 
     for name, value in (("train_size", train_size), ("batch_size", batch_size)):
         require_whole(name, value)
     lr_min = lr_max / 10 if lr_min is None else lr_min
     steps_per_epoch = -(-train_size // batch_size)    # the last, smaller batch is kept
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr_max)
-    scheduler = one_cycle(optimizer, lr_max, lr_min, epochs, steps_per_epoch, peak_epoch)
+    scheduler = one_cycle(optimizer, lr_max, lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          peak_epoch=peak_epoch)
     lrs = []
     for _ in range(epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -297,6 +294,6 @@ def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None
                         int(np.argmax(lrs)), float(lr_max), float(lr_min))
 
 
-__all__ = ["LR_CHOICE_FILE", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",
+__all__ = ["lr_choice_file", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",
            "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
            "planned_one_cycle", "default_num_iter", "default_batch_size"]

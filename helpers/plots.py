@@ -19,6 +19,37 @@ import numpy as np  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 
+def format_probability(p: float) -> str:
+    """A probability as a percent that keeps its meaning at both ends: one decimal
+    ('38.2 %'), scientific notation below 0.1 % ('3.1e-03 %' is 0.0031 %), '> 99.9 %' where
+    one decimal would round up to 100, and '0 % (underflow)' for an exact 0 (a float32 softmax
+    can underflow when the logits are far apart)."""
+    percent = 100 * float(p)
+    if percent <= 0:
+        return "0 % (underflow)"
+    if percent < 0.1:
+        return f"{percent:.1e} %"
+    if percent >= 99.95:
+        return "> 99.9 %"
+    return f"{percent:.1f} %"
+
+
+def row_percentages(cm, decimals: int = 1) -> np.ndarray:
+    """Each row of a confusion matrix as percentages of the row's total, rounded to `decimals`
+    by the largest-remainder method, so that every non-empty row adds up to exactly 100 as
+    written (plain rounding can give 99.9 or 100.1). Empty rows stay 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    unit = 10.0 ** -decimals                                       # e.g. 0.1 %
+    total = cm.sum(1, keepdims=True)
+    exact = np.where(total > 0, 100 * cm / np.maximum(total, 1), 0) / unit   # in units of 0.1 %
+    floor = np.floor(exact + 1e-9)
+    short = np.where(total[:, 0] > 0, np.rint(100 / unit - floor.sum(1)), 0).astype(int)
+    for i, k in enumerate(short):
+        if k > 0:                                                  # hand the missing units to the
+            floor[i, np.argsort(-(exact[i] - floor[i]), kind="stable")[:k]] += 1   # largest remainders
+    return np.round(floor * unit, decimals)
+
+
 def save_figure(fig, path) -> Path:
     """Save `fig` as PNG (or the suffix's format) via a temporary file and a rename."""
     path = Path(path)
@@ -75,7 +106,8 @@ def class_counts(counts_by_split: dict[str, dict[str, int]]):
         ax.bar(x, list(counts.values()), width, label=split)
     ax.set_xticks(np.arange(len(counts)) + width * (len(counts_by_split) - 1) / 2)
     ax.set_xticklabels(list(counts), rotation=30)
-    ax.set_ylabel("images"), ax.set_title("Images per class"), ax.legend()
+    ax.set_ylabel("images"), ax.set_title("Images per class")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)   # beside the axes: covers no bar
     fig.tight_layout()
     return fig
 
@@ -83,16 +115,19 @@ def class_counts(counts_by_split: dict[str, dict[str, int]]):
 def channel_histograms(images, mean=None, bins: int = 64):
     """Pixel-intensity histogram of each RGB channel, one panel each, the channel mean marked."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    tallest = 0.0
     for c, (ax, color) in enumerate(zip(axes, ("red", "green", "blue"))):
         values = np.asarray(images)[..., c].ravel()
-        ax.hist(values, bins=bins, range=(0, 255), color=color, histtype="stepfilled", alpha=0.5,
-                density=True)
+        heights, _, _ = ax.hist(values, bins=bins, range=(0, 255), color=color, histtype="stepfilled",
+                                alpha=0.5, density=True)
+        tallest = max(tallest, float(np.max(heights)))
         if mean is not None:
             ax.axvline(mean[c] * 255, color="black", linestyle="--", linewidth=1,
                        label=f"mean {mean[c] * 255:.0f}")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
         ax.set_xlabel("pixel value (0-255)"), ax.set_title(f"{color} channel")
     axes[0].set_ylabel("density")
+    axes[0].set_ylim(0, 1.3 * tallest)      # (shared) headroom: the legends sit above every bar
     fig.suptitle("Pixel intensities per channel")
     fig.tight_layout()
     return fig
@@ -176,16 +211,19 @@ def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusi
     """Heatmap of true class (rows) against predicted class (columns): counts in the cells, or
     with normalize=True the percentage of each true class (every row adds up to 100)."""
     cm = np.asarray(cm)
-    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    # normalised: percent (0-100) in the cells and on the colour bar alike, one decimal,
+    # rounded so that each row's numbers add up to exactly 100 (row_percentages)
+    shown = row_percentages(cm) if normalize else cm
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    im = ax.imshow(shown, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    im = ax.imshow(shown, cmap="Blues", **({"vmin": 0, "vmax": 100} if normalize else {}))
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label("% of the true class (row)" if normalize else "images")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    thresh = shown.max() / 2 if shown.size else 0
+    thresh = (100 if normalize else shown.max()) / 2 if shown.size else 0
     for i in range(len(classes)):
         for j in range(len(classes)):
-            text = f"{100 * shown[i, j]:.0f}" if normalize else str(int(cm[i, j]))
+            text = f"{shown[i, j]:.1f}" if normalize else str(int(cm[i, j]))
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if shown[i, j] > thresh else "black")
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
@@ -203,17 +241,23 @@ def prediction_grid(images, labels, preds, classes, ncols: int = 8, title: str |
                       "(green right, red wrong)", colors, size=1.6)
 
 
+def misclassified_title(true_name: str, pred_name: str, p_true: float, p_pred: float) -> str:
+    """'pred: ship (> 99.9 %)' over 'true: airplane (3.1e-03 %)': each class with its probability."""
+    return f"pred: {pred_name} ({format_probability(p_pred)})\ntrue: {true_name} ({format_probability(p_true)})"
+
+
 def misclassified(images, labels, preds, probs, classes, ncols: int = 5, title: str | None = None):
     """Wrong predictions: the predicted class with its probability, and the true class with
-    the probability the model gave it (low p(true) = confidently wrong = high loss)."""
-    titles = [f"pred: {classes[p]} ({pr[p]:.2f})\ntrue: {classes[t]} ({pr[t]:.2f})"
-              for t, p, pr in zip(labels, preds, probs)]
+    the probability the model gave it (low p(true) = confidently wrong = high loss), both as
+    format_probability writes them (tiny ones in scientific notation, never a bare 0.00)."""
+    titles = [misclassified_title(classes[t], classes[p], pr[t], pr[p]) for t, p, pr in zip(labels, preds, probs)]
     return image_grid(images, titles, ncols, title or "Misclassified images, highest loss first",
                       ["red"] * len(labels), size=1.9)
 
 
-def probability_bars(images, probs, classes, labels=None, top: int | None = None):
-    """Seed 004's picture: each image beside a bar chart of its class probabilities."""
+def probability_bars(images, probs, classes, labels=None, top: int | None = None, values: bool = True):
+    """Seed 004's picture: each image beside a bar chart of its class probabilities, with
+    (values=True) each probability of 0.5 % or more written beside its bar."""
     n = len(images)
     fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 2.2]})
@@ -229,6 +273,13 @@ def probability_bars(images, probs, classes, labels=None, top: int | None = None
         colors = [("green" if truth in (None, k) else "red") if k == pred else
                   "tab:blue" if k == truth else "grey" for k in order]
         axes[i, 1].barh([classes[k] for k in order][::-1], p[order][::-1], color=colors[::-1])
+        if values:
+            for row, k in enumerate(order[::-1]):       # the value beside every bar of 0.5 % or more
+                if p[k] >= 0.005:                        # inside a long bar, in white; else after it
+                    inside = p[k] > 0.8
+                    axes[i, 1].text(p[k] - 0.01 if inside else p[k] + 0.01, row, format_probability(p[k]),
+                                    va="center", ha="right" if inside else "left", fontsize=7,
+                                    color="white" if inside else "black")
         axes[i, 1].set_xlim(0, 1)
         axes[i, 1].tick_params(labelsize=8)
         axes[i, 1].set_xlabel("probability", fontsize=8)
@@ -255,9 +306,48 @@ def grad_cam_pairs(images, cam_pred, cam_true, labels, preds, classes, alpha: fl
     return fig
 
 
-def cutout_geometry(image, crop_yx, hole_yx, pad: int, cutout_pad: int, hole: int):
+def pad_crop(images, crop_yx, pad: int, title: str | None = None, size: float = 1.7):
+    """Seed 001's pad-and-crop made visible, one column per image: on top the image
+    reflect-padded to (32 + 2*pad) pixels, with its original place (dashed white box) and the
+    random 32x32 crop window (yellow box); below, the crop, i.e. what the network sees, with
+    the original's border dashed (outside it: reflected pixels). `crop_yx` holds each
+    window's top-left corner in the padded image (0..2*pad, pad = no shift), as
+    augment.BatchAugment.sample draws it; the titles give the window's shift (dy, dx): the
+    picture inside it moves by (-dy, -dx)."""
+    from matplotlib.patches import Rectangle
+
+    images, crop_yx = np.asarray(images), np.asarray(crop_yx)
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(n * size, 2 * size + 0.9), squeeze=False)
+    for i in range(n):
+        padded = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)), mode="reflect")   # == BORDER_REFLECT_101
+        cy, cx = (int(v) for v in crop_yx[i])
+        dy, dx = cy - pad, cx - pad
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(padded, interpolation="nearest")
+        top.add_patch(Rectangle((pad - 0.5, pad - 0.5), 32, 32, fill=False, color="white", lw=1.2, ls="--"))
+        top.add_patch(Rectangle((cx - 0.5, cy - 0.5), 32, 32, fill=False, color="yellow", lw=2))
+        top.set_title(f"(dy, dx) = ({dy:+d}, {dx:+d})" + ("\nno shift" if (dy, dx) == (0, 0) else ""),
+                      fontsize=8)
+        bottom.imshow(padded[cy:cy + 32, cx:cx + 32], interpolation="nearest")
+        bottom.add_patch(Rectangle((-dx - 0.5, -dy - 0.5), 32, 32, fill=False, color="white", lw=1.2, ls="--"))
+        bottom.set_xlim(-0.5, 31.5), bottom.set_ylim(31.5, -0.5)
+        top.set_xlim(-1.5, 32 + 2 * pad + 0.5), top.set_ylim(32 + 2 * pad + 0.5, -1.5)   # boxes on the edge show
+        for ax in (top, bottom):
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel(f"padded {32 + 2 * pad}x{32 + 2 * pad}", fontsize=8)
+    axes[1, 0].set_ylabel("the 32x32 crop", fontsize=8)
+    fig.suptitle(title or f"Pad {pad} (reflect) + random 32x32 crop: yellow = the crop window, "
+                 "dashed = the original image", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cutout_geometry(image, crop_yx, hole_yx, pad: int, cutout_pad: int, hole: int, fill=None):
     """Seed 001's two paddings on one image: the 40x40 reflect-padded frame with the random
-    32x32 crop box, then the crop padded to 48x48 with the 8x8 hole and the centre crop box."""
+    32x32 crop box, then the crop padded to 48x48 with the 8x8 hole (filled with `fill`, the
+    pipeline's mean pixel, augment.mean_fill(mean), when given; outlined in red) and the centre
+    crop box."""
     from matplotlib.patches import Rectangle
 
     img = np.asarray(image)
@@ -266,15 +356,17 @@ def cutout_geometry(image, crop_yx, hole_yx, pad: int, cutout_pad: int, hole: in
     crop = padded[cy:cy + 32, cx:cx + 32]
     framed = np.pad(crop, ((cutout_pad, cutout_pad), (cutout_pad, cutout_pad), (0, 0)))
     hy, hx = hole_yx[0] + cutout_pad, hole_yx[1] + cutout_pad        # hole in the 48x48 frame
+    if fill is not None:                                             # as CoarseDropout fills it
+        framed[hy:hy + hole, hx:hx + hole] = np.asarray(fill, dtype=framed.dtype)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(padded, interpolation="nearest")
     axes[0].add_patch(Rectangle((cx - 0.5, cy - 0.5), 32, 32, fill=False, color="yellow", lw=2))
     axes[0].set_title(f"1. reflect-padded to {32 + 2 * pad}: crop box at (y={cy - pad:+d}, x={cx - pad:+d})",
                       fontsize=9)
     axes[1].imshow(framed, interpolation="nearest")
-    axes[1].add_patch(Rectangle((hx - 0.5, hy - 0.5), hole, hole, color="white", alpha=0.8))
+    axes[1].add_patch(Rectangle((hx - 0.5, hy - 0.5), hole, hole, fill=False, color="red", lw=1.5))
     axes[1].add_patch(Rectangle((cutout_pad - 0.5, cutout_pad - 0.5), 32, 32, fill=False, color="yellow", lw=2))
-    axes[1].set_title(f"2. padded to {32 + 2 * cutout_pad}: hole at (y={hole_yx[0]:+d}, x={hole_yx[1]:+d}), "
+    axes[1].set_title(f"2. padded to {32 + 2 * cutout_pad}: hole (red) at (y={hole_yx[0]:+d}, x={hole_yx[1]:+d}), "
                       "centre crop kept", fontsize=9)
     for ax in axes:
         ax.set_xticks([]), ax.set_yticks([])

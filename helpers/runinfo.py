@@ -95,3 +95,19 @@ def run_info(device) -> dict:
     return {"device": device_name(device), "torch_threads": torch.get_num_threads(),
             "versions": package_versions(), "git": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def emit(record: dict, out=None) -> None:
+    """Print a measured run as one JSON line; with `out`, append it to that .jsonl file
+    (rewritten atomically, so a crash never leaves half a line)."""
+    import json
+    from pathlib import Path
+
+    from .files import atomic_write, jsonable
+
+    line = json.dumps(record, default=jsonable)
+    print(line, flush=True)
+    if out:
+        old = Path(out).read_text() if Path(out).exists() else ""
+        with atomic_write(out, "w") as f:
+            f.write(old + line + "\n")

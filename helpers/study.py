@@ -97,9 +97,8 @@ STUDIES = {
 }
 
 
-def study_recipes(smoke: bool | None = None, study: str = "overfitting") -> dict[str, Recipe]:
+def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
     """The recipes the study compares, shortened (and shrunk further in smoke mode)."""
-    smoke = config.smoke_mode() if smoke is None else smoke
     s = STUDIES[study]
     epochs = SMOKE_EPOCHS if smoke else s.epochs
     recipes = {}
@@ -113,15 +112,14 @@ def study_recipes(smoke: bool | None = None, study: str = "overfitting") -> dict
     return recipes
 
 
-def study_data(data: CIFAR10Data, smoke: bool | None = None, study: str = "overfitting") -> CIFAR10Data:
+def study_data(data: CIFAR10Data, smoke: bool = False, study: str = "overfitting") -> CIFAR10Data:
     """The stratified subset the study trains and tests on."""
-    smoke = config.smoke_mode() if smoke is None else smoke
     s = STUDIES[study]
     sizes = (SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS) if smoke else (s.train_per_class, s.test_per_class)
     return data.validation_subset(*sizes) if s.held_out == "validation" else data.subset(*sizes)
 
 
-def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=print,
+def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print,
               only: list[str] | None = None, study: str = "overfitting") -> dict:
     """Train every variant on the study's subset; return {"settings", "rows"}.
 
@@ -129,7 +127,10 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
     batches (what a training log shows), train accuracy measured afterwards on the
     un-augmented training subset in eval mode, test accuracy, the gap, and seconds.
     """
-    from .engine import RunOptions, build_loaders, evaluate, train
+    from .engine import train
+    from .hardware import RunOptions
+    from .loaders import build_loaders
+    from .loop import evaluate
 
     if study not in STUDIES:
         raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
@@ -144,8 +145,7 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
         log(f"{name}: {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
         run = train(r, sub, options, log=lambda *a, **k: None)
         clean = build_loaders(r.replace(augment="none"), sub)[0]   # training images, no augmentation
-        train_acc = evaluate(run["model"], clean, device=run["device"], tta_flip=r.tta_flip,
-                             progress=False, tta_shift=r.tta_shift)["acc"]
+        train_acc = evaluate(run["model"], clean, tta_flip=r.tta_flip, tta_shift=r.tta_shift, progress=False)["acc"]
         test_acc = run["test"]["acc"]
         rows.append({"variant": name, "optimizer": r.optimizer, "dropout": r.dropout,
                      "weight_decay": r.weight_decay, "label_smoothing": r.label_smoothing,
@@ -159,7 +159,7 @@ def run_study(data: CIFAR10Data, options=None, smoke: bool | None = None, log=pr
     settings = {"study": study, "title": STUDIES[study].title, "train_images": len(sub.train_labels),
                 "test_images": len(sub.test_labels), "held_out": STUDIES[study].held_out, "epochs": next(iter(recipes.values())).epochs,
                 "batch_size": next(iter(recipes.values())).batch_size, "source": sub.source,
-                "smoke": bool(config.smoke_mode() if smoke is None else smoke)}
+                "smoke": bool(smoke)}
     return {"settings": settings, "rows": rows}
 
 
@@ -191,7 +191,7 @@ def format_rows(rows, held_out: str = "test") -> str:
 
 def main(argv=None) -> int:
     from .data import load_cifar10
-    from .engine import auto_options
+    from .hardware import auto_options
     from .files import atomic_write, save_json
     from .runinfo import run_info
 
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--study", choices=list(STUDIES), default="overfitting", help="which study to run")
     p.add_argument("--out", default=None, help="where to write the record; when not given, the study's file in results/")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
-    p.add_argument("--smoke", action="store_true", help="a tiny version, as SMOKE_TEST=1 runs it")
+    p.add_argument("--smoke", action=argparse.BooleanOptionalAction,
+                   help="a tiny version (default: on when SMOKE_TEST=1 is set, else off)")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="re-run these variants and replace their rows in --out")
     args = p.parse_args(argv)
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
     print(options.describe())
     t0 = time.time()
     try:
-        result = run_study(load_cifar10(), options, smoke=args.smoke or None, only=args.only, study=args.study)
+        smoke = config.smoke_mode() if args.smoke is None else args.smoke     # an entry point: reads SMOKE_TEST
+        result = run_study(load_cifar10(), options, smoke=smoke, only=args.only, study=args.study)
     except CourseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     """The record as a page for results/: settings, provenance and the table. Of the recipe
     settings, only those that differ between rows get a column."""
-    from .analysis import tta_label
+    from .loop import tta_label
 
     s, git = result["settings"], result["git"]
     held = "validation" if s.get("held_out") == "validation" else "test"

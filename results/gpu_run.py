@@ -11,8 +11,8 @@ finished); a part that would not fit the time budget is recorded as skipped:
 For every run: accuracy without TTA, with flip TTA and with the recipe's own TTA; the whole wall
 time (data load, training with its per-epoch evaluation, final test), img/s and peak memory.
 
-    bash benchmarks/gpu_run.sh                                       # on the GPU machine (see there)
-    SMOKE_TEST=1 python benchmarks/gpu_run.py --out /tmp/gpu.json    # the same, tiny, on a CPU
+    bash results/gpu_run.sh                                       # on the GPU machine (see there)
+    SMOKE_TEST=1 python results/gpu_run.py --out /tmp/gpu.json    # the same, tiny, on a CPU
 """
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from helpers import config, engine, speed  # noqa: E402
-from helpers.data import DeviceLoader, load_cifar10  # noqa: E402
+from helpers import config, engine, hardware, loop, speed  # noqa: E402
+from helpers.data import load_cifar10  # noqa: E402
+from helpers.loaders import build_loaders  # noqa: E402
+from helpers.optim import optimizer_for  # noqa: E402
 from helpers.files import save_json  # noqa: E402
 from helpers.models import FastNet, get_model, init_whitening  # noqa: E402
 from helpers.runinfo import run_info  # noqa: E402
@@ -55,17 +56,16 @@ def now(t0: float) -> float:
 def run_recipe(name: str, data, load_s: float, smoke: bool, **changes) -> dict:
     """One whole run of a recipe, measured; the model is evaluated three ways afterwards."""
     r = config.recipe(name, smoke=smoke, **changes)
-    opts = dataclasses.replace(engine.auto_options(), progress=False)
+    opts = dataclasses.replace(hardware.auto_options(), progress=False)
     cuda = opts.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     run = engine.train(r, data, opts)
     train_s = now(t0)
-    test = engine.build_loaders(r, data)[2]
-    acc = {label: engine.evaluate(run["model"], test, device=run["device"], amp=opts.amp,
-                                  channels_last=opts.channels_last, tta_flip=flip, tta_shift=shift,
-                                  progress=False)["acc"]
+    test = build_loaders(r, data)[2]
+    acc = {label: loop.evaluate(run["model"], test, amp=opts.amp, channels_last=opts.channels_last,
+                                tta_flip=flip, tta_shift=shift, progress=False)["acc"]
            for label, flip, shift in (("plain", False, 0), ("flip", True, 0), ("recipe_tta", r.tta_flip, r.tta_shift))}
     seconds = run["history"]["seconds"]
     out = {"recipe": name, "changes": changes, "options": opts.describe().splitlines()[0],
@@ -83,23 +83,25 @@ def run_recipe(name: str, data, load_s: float, smoke: bool, **changes) -> dict:
 def timed_steps(r, data, n: int):
     """A fresh model of recipe `r` with its optimizer, 5 warm-up steps, then `n` real train steps
     timed; returns (seconds per step, the model, a function that runs those n steps again)."""
-    opts = dataclasses.replace(engine.auto_options(), progress=False)
+    opts = dataclasses.replace(hardware.auto_options(), progress=False)
     device = torch.device(opts.device)
-    engine.seed_everything(0)
+    hardware.seed_everything(0)
     model = get_model(r.model, dropout=r.dropout, logit_scale=r.logit_scale)
     if isinstance(model, FastNet):
         init_whitening(model, engine.whitening_images(data, r))
     model.to(device)
     if opts.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = DeviceLoader.from_loader(engine.build_loaders(r, data)[0], device)
+    loader = build_loaders(r, data, opts)[0]                  # on the device: opts.fast_augment
     batches = []
     while len(batches) < n + 5:
         batches += list(loader)
-    optimizer = engine.make_optimizer(r.optimizer, model.parameters(), r.lr, r.momentum, r.weight_decay, r.nesterov)
+    optimizer = optimizer_for(r, model.parameters())
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
-    again = lambda: engine.train_one_epoch(model, batches[5:5 + n], optimizer, loss_fn=loss_fn, options=opts)  # noqa: E731
-    engine.train_one_epoch(model, batches[:5], optimizer, loss_fn=loss_fn, options=opts)
+    scaler = loop.grad_scaler(device, opts.amp)                      # one for every step (fp16 only)
+    again = lambda: loop.train_one_epoch(model, batches[5:5 + n], optimizer, loss_fn=loss_fn, options=opts,  # noqa: E731
+                                         scaler=scaler)
+    loop.train_one_epoch(model, batches[:5], optimizer, loss_fn=loss_fn, options=opts, scaler=scaler)
     t0 = time.perf_counter()
     again()
     return now(t0) / n, model, again
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     smoke = config.smoke_mode()
     t0 = time.perf_counter()
-    record = {**run_info(engine.get_device()), "smoke": smoke, "budget_s": args.budget, "parts": {}}
+    record = {**run_info(hardware.get_device()), "smoke": smoke, "budget_s": args.budget, "parts": {}}
     record["git"]["commit"] = os.environ.get("GIT_COMMIT") or record["git"]["commit"]
 
     def part(name: str, estimate: float, fn):
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
         data = data.smoke_subset()
     load_s = time.perf_counter() - t
     record["data"] = {"source": data.source, "load_s": load_s, "train": len(data.train_labels), "test": len(data.test_labels)}
-    device = str(engine.get_device())
+    device = str(hardware.get_device())
     matmul = speed.matmul_rate(512 if smoke else 8192, device=device, min_run_time=0.2 if smoke else 1.0)
     record["matmul_bf16_flop_per_s"] = matmul
     print(f"{record['device']}: data in {load_s:.1f} s, bf16 matmul {matmul / 1e12:.1f} TFLOP/s", flush=True)

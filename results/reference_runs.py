@@ -1,10 +1,10 @@
 """Reference runs: train a named configuration for several seeds and record what each gave.
 
-    python benchmarks/reference_runs.py --config resnet9-fast --seeds 0 1 2 3 4   # on a GPU
-    python benchmarks/reference_runs.py --config resnet9 --seeds 0                 # albumentations + workers
-    python benchmarks/reference_runs.py --readme-only                              # redo results/README.md
-    python benchmarks/reference_runs.py --dry-run                                  # smoke recipe + subset, CPU
-    python benchmarks/reference_runs.py --record models/compact_history.json       # a finished CLI run
+    python results/reference_runs.py --config resnet9-fast --seeds 0 1 2 3 4   # on a GPU
+    python results/reference_runs.py --config resnet9 --seeds 0                 # albumentations + workers
+    python results/reference_runs.py --readme-only                              # redo results/README.md
+    python results/reference_runs.py --dry-run                                  # smoke recipe + subset, CPU
+    python results/reference_runs.py --record models/compact_history.json       # a finished CLI run
 
 Each seed (one helpers.engine.train run) prints one JSON line, appended to --out, and the README table is
 regenerated from that file: accuracy, wall time, images/s, peak GPU memory, settings, provenance.
@@ -20,17 +20,16 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmark import emit  # noqa: E402
-from helpers import engine  # noqa: E402
+from helpers import engine, hardware  # noqa: E402
 from helpers.config import recipe, smoke_mode  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
 from helpers.files import atomic_write  # noqa: E402
-from helpers.runinfo import public_command, run_info  # noqa: E402
+from helpers.runinfo import emit, public_command, run_info  # noqa: E402
 
 FP32 = dict(fast_augment=False, amp=None, channels_last=False)
 FAST = dict(fast_augment=True, amp="bf16", channels_last=True)
@@ -47,8 +46,8 @@ OUT, README = HERE.parent / "results" / "reference_runs.jsonl", HERE.parent / "r
 HOW_TO = """To make one, on a machine with a CUDA GPU and a local CIFAR-10 copy:
 
 ```
-CIFAR10_DIR=/path/to/cifar10 python benchmarks/reference_runs.py --config resnet9-fast --seeds 0 1 2 3 4
-CIFAR10_DIR=/path/to/cifar10 python benchmarks/reference_runs.py --config resnet9 --seeds 0 1 2
+CIFAR10_DIR=/path/to/cifar10 python results/reference_runs.py --config resnet9-fast --seeds 0 1 2 3 4
+CIFAR10_DIR=/path/to/cifar10 python results/reference_runs.py --config resnet9 --seeds 0 1 2
 ```
 
 then commit `results/reference_runs.jsonl` and this file. Each finished seed is saved at once, so
@@ -66,7 +65,7 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
     data = load_cifar10(args.data_dir, download=False)                 # from the decode cache
     data = data.smoke_subset() if args.smoke else data
     r = recipe(name, smoke=args.smoke, seed=seed, epochs=args.epochs)
-    run = engine.train(r, data, engine.RunOptions(str(device), compile=args.compile, workers=args.workers,
+    run = engine.train(r, data, hardware.RunOptions(str(device), compile=args.compile, workers=args.workers,
                                                   progress=args.progress, **options))
     wall, h = time.perf_counter() - t0, run["history"]   # evaluate's .item() has synchronised the device
     n_train = len(data.split_validation(r.val_split, r.seed)[1] if r.val_split > 0 else data.train_labels)
@@ -127,7 +126,7 @@ def record_row(path: Path) -> dict:
 
 
 def gpu_rows(path: Path) -> list[dict]:
-    """Results rows for the runs of one `benchmarks/gpu_run.py` record (results/gpu_runs.json):
+    """Results rows for the runs of one `results/gpu_run.py` record (results/gpu_runs.json):
     its wall seconds are the whole run, the data load included; images/s from the median epoch."""
     rec = json.loads(Path(path).read_text())
     rows = []
@@ -146,7 +145,7 @@ def gpu_rows(path: Path) -> list[dict]:
                      "wall_seconds": part["whole_s"], "epoch_seconds_median": float(np.median(part["epoch_s"])),
                      "train_images": part["train_images"], "images_per_s": part["img_per_s_median_epoch"],
                      "data": rec["data"]["source"], "peak_gpu_memory_bytes": part["peak_memory_gib"] and part["peak_memory_gib"] * 2**30,
-                     "recipe": r.to_dict(), "command": "bash benchmarks/gpu_run.sh",
+                     "recipe": r.to_dict(), "command": "bash results/gpu_run.sh",
                      **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}})
     return rows
 
@@ -196,8 +195,8 @@ def readme_text(path: Path) -> str:
              "scaling) in short runs scored on a validation split (`python -m helpers.study --study vgg`).",
              "- `gpu_runs.md`/`.json` "
              "(+ `gpu_run_log.txt`): the recipes and the airbench94 anchor on one H200, with a profile of the train step "
-             "(`benchmarks/gpu_run.sh`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
-             " (`benchmarks/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
+             "(`results/gpu_run.sh`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
+             " (`results/reference_runs.py`), from which `--readme-only` regenerates this file.", "", "## GPU reference runs", ""]
     no_gpu = "No GPU reference run has been made yet: there are no measured GPU figures for these configurations."
     lines += [*table, *map(row, gpu)] if gpu else [no_gpu, "", HOW_TO]
     if other:
@@ -233,7 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--readme-only", action="store_true", help="only regenerate the markdown from --out")
     p.add_argument("--record", metavar="JSON", nargs="+", help="add finished `python -m helpers train` runs to --out "
                    "from the <model>_history.json each wrote, then regenerate the markdown")
-    p.add_argument("--record-gpu", metavar="JSON", help="add the runs of a `benchmarks/gpu_run.py` record "
+    p.add_argument("--record-gpu", metavar="JSON", help="add the runs of a `results/gpu_run.py` record "
                    "(results/gpu_runs.json) to --out, then regenerate the markdown")
     p.add_argument("--progress", action="store_true", help="show progress bars and per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="smoke mode (as SMOKE_TEST=1) on the CPU")
@@ -260,7 +259,7 @@ def main(argv=None) -> None:
         write_readme(args)
         return
     if not args.readme_only:
-        device = engine.get_device(None if args.device == "auto" else args.device)
+        device = hardware.get_device(None if args.device == "auto" else args.device)
         load_cifar10(args.data_dir, download=False)          # decode (and cache) once, untimed
         print(f"{args.config} on {device}, seeds {args.seeds} -> {args.out}", file=sys.stderr, flush=True)
     for seed in [] if args.readme_only else args.seeds:

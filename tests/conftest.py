@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg"
 
@@ -40,7 +38,7 @@ def smoke_env(**extra: str) -> dict:
     one torch thread (so float sums round the same way in every run), no display."""
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "SMOKE_TEST": "1", "CIFAR10_DIR": str(DATA), "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "NO_ALBUMENTATIONS_UPDATE": "1",
+            "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
             "PYTHONPATH": pythonpath, **extra}
 
 

@@ -123,7 +123,7 @@ def test_train_writes_checkpoints_history_and_curves(trained):
     assert record["model"] == m and record["config"] == final["config"]
     assert record["history"]["test_acc"] == final["history"]["test_acc"]
     assert record["test"]["acc"] == final["metrics"]["test_acc"] and record["test"]["images"] == 500
-    from helpers.engine import get_device
+    from helpers.hardware import get_device
     from helpers.runinfo import device_name
 
     assert record["device"] == device_name(get_device())           # helpers.runinfo's provenance
@@ -277,34 +277,34 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
 
     from helpers.cli import build_parser, speed_options
     from helpers.config import recipe
-    from helpers.engine import auto_options
+    from helpers.hardware import auto_options
 
     auto, r = auto_options("cpu"), recipe(model)
     opts = speed_options(build_parser().parse_args(["train", "--model", model]), r, torch.device("cpu"))
     twin = r.augment != "seed004"
     assert (opts.amp, opts.channels_last) == (auto.amp, auto.channels_last)
     assert opts.fast_augment is twin and opts.workers == (0 if twin else 2)
-    assert any(w.startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU") for w in opts.reasons)
-    assert any("seed004 has no on-device twin" in w for w in opts.reasons) is (not twin)
+    assert opts.reasons["amp"].startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU")
+    assert ("seed004 has no on-device twin" in opts.reasons["fast_augment"]) is (not twin)
     # a flag given wins, and the reason says so
     given = build_parser().parse_args(["train", "--model", model, "--amp", "off", "--no-channels-last",
                                        "--no-fast-augment", "--workers", "1"])
     opts = speed_options(given, r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last, opts.fast_augment, opts.workers) == (None, False, False, 1)
-    assert opts.reasons == ("fp32: --amp off", "channels_last off: --no-channels-last",
-                            "on-device augmentation off: --no-fast-augment")
+    assert opts.reasons == {"amp": "fp32: --amp off", "channels_last": "channels_last off: --no-channels-last",
+                            "fast_augment": "on-device augmentation off: --no-fast-augment"}
     # one flag alone: its reason says so, the others keep their auto reasons
     opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-channels-last"]), r,
                          torch.device("cpu"))
     assert (opts.amp, opts.channels_last) == (auto.amp, False)
-    assert "channels_last off: --no-channels-last" in opts.reasons
+    assert opts.reasons["channels_last"] == "channels_last off: --no-channels-last"
     opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-fast-augment"]), r,
                          torch.device("cpu"))
-    assert not opts.fast_augment and opts.workers == 2 and opts.reasons[-1] == "on-device augmentation off: --no-fast-augment"
+    assert not opts.fast_augment and opts.workers == 2 and opts.reasons["fast_augment"] == "on-device augmentation off: --no-fast-augment"
     # --amp alone: channels_last follows it, and no auto reason contradicts the header
     opts = speed_options(build_parser().parse_args(["train", "--model", model, "--amp", "off"]), r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last) == (None, False)
-    assert opts.reasons[:2] == ("fp32: --amp off", "channels_last off: follows --amp off")
+    assert (opts.reasons["amp"], opts.reasons["channels_last"]) == ("fp32: --amp off", "channels_last off: follows --amp off")
 
 
 def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
@@ -317,16 +317,20 @@ def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
     saved = {"amp": None, "channels_last": False, "fast_augment": False, "workers": 2}   # e.g. an fp32 run
     argv = ["train", "--model", "resnet9", "--resume", "resnet9_last.pt"]
     opts = speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"), {"options": saved})
-    assert opts.recorded() == saved and opts.reasons == ("as the run being resumed (its checkpoint records them)",)
+    assert opts.recorded() == saved and opts.reasons == {"resume": "as the run being resumed (its checkpoint records them)"}
     same = build_parser().parse_args(argv + ["--amp", "off", "--workers", "2"])         # flags that agree: fine
     assert speed_options(same, recipe("resnet9"), torch.device("cpu"), {"options": saved}).recorded() == saved
-    with pytest.raises(ConfigError, match=r"^cannot resume resnet9_last.pt with other speed settings "
+    with pytest.raises(ConfigError, match=r"^cannot resume with other speed settings than the checkpoint's "
                                           r"\(amp None -> 'bf16'; workers 2 -> 0\): drop those flags"):
         speed_options(build_parser().parse_args(argv + ["--amp", "bf16", "--workers", "0"]), recipe("resnet9"),
                       torch.device("cpu"), {"options": saved})
     # a checkpoint from before the settings were recorded: auto, with a note
     opts = speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"), {"epoch": 3})
-    assert opts.reasons[-1].startswith("note: the checkpoint predates recorded speed settings")
+    assert opts.reasons["resume"].startswith("note: the checkpoint predates recorded speed settings")
+    # an fp16 run (a T4's) resumed on a CPU: refused, as a new fp16 run there is
+    with pytest.raises(ConfigError, match="fp16 on a CPU is emulated"):
+        speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"),
+                      {"options": dict(saved, amp="fp16")})
 
 
 @needs_data
@@ -610,10 +614,10 @@ def test_verbose_adds_the_traceback(tmp_path):
 
 
 def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
-    """benchmarks/reference_runs.py --record turns train's <model>_history.json into a results
+    """results/reference_runs.py --record turns train's <model>_history.json into a results
     row and a markdown table (what results/README.md is made from)."""
     out = tmp_path / "runs.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_runs.py"), "--record",
+    proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record",
                            str(trained.dir / f"{trained.model}_history.json"), "--out", str(out)],
                           cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -641,7 +645,7 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     path = tmp_path / "compact_history.json"
     path.write_text(json.dumps(rec))
     out = tmp_path / "runs.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reference_runs.py"), "--record", str(path),
+    proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record", str(path),
                            "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text().splitlines()[0])
@@ -667,7 +671,7 @@ def test_public_command_keeps_no_path_of_the_machine():
 
 def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):
     """Notebook 04's full run has no single wall time: its row shows '-' and says why."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / "results"))
     import reference_runs
 
     row = json.loads((REPO / "results" / "reference_runs.jsonl").read_text().splitlines()[0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import real_data_dir, write_image_tree
-from helpers import data as D
+from helpers import data as D, loaders
 from helpers.augment import train_transforms
 from helpers.errors import ConfigError, DatasetError
 
@@ -262,7 +262,7 @@ def _collect(loader, epoch):
 def test_loader_epochs_are_reproducible_and_differ(monkeypatch):
     x, y = _images()
     tf = train_transforms((0.5,) * 3, (0.25,) * 3)
-    loader = D.make_loader(x, y, tf, batch_size=16, shuffle=True, seed=3)
+    loader = loaders.make_loader(x, y, tf, batch_size=16, shuffle=True, seed=3)
     a, la = _collect(loader, 0)
     b, lb = _collect(loader, 0)
     c, lc = _collect(loader, 1)
@@ -276,7 +276,7 @@ def test_two_workers_produce_different_augmentations():
     img = _images(1)[0]
     x = np.repeat(img, 64, axis=0)  # 64 copies of one image: only augmentation differs
     tf = train_transforms((0.5,) * 3, (0.25,) * 3, crop_p=1.0, flip_p=0.5, cutout_p=1.0)
-    loader = D.make_loader(x, np.zeros(64, int), tf, batch_size=8, workers=2, seed=0)
+    loader = loaders.make_loader(x, np.zeros(64, int), tf, batch_size=8, workers=2, seed=0)
     batches = [b[0] for b in loader]
     # batch 0 comes from worker 0 and batch 1 from worker 1: their augmentations must differ
     assert not torch.equal(batches[0], batches[1])
@@ -287,8 +287,8 @@ def test_two_workers_produce_different_augmentations():
 def test_workers_give_the_same_epoch_as_each_other_run():
     x, y = _images(48)
     tf = train_transforms((0.5,) * 3, (0.25,) * 3)
-    first = D.make_loader(x, y, tf, batch_size=8, shuffle=True, workers=2, seed=5)
-    second = D.make_loader(x, y, train_transforms((0.5,) * 3, (0.25,) * 3), batch_size=8,
+    first = loaders.make_loader(x, y, tf, batch_size=8, shuffle=True, workers=2, seed=5)
+    second = loaders.make_loader(x, y, train_transforms((0.5,) * 3, (0.25,) * 3), batch_size=8,
                            shuffle=True, workers=2, seed=5)
     a, _ = _collect(first, 2)
     b, _ = _collect(second, 2)
@@ -299,9 +299,9 @@ def test_loader_rejects_bad_batch_size_and_workers():
     x, y = _images(4)
     for bad in (0, -1, 2.5):
         with pytest.raises(ConfigError, match="batch size"):
-            D.make_loader(x, y, batch_size=bad)
+            loaders.make_loader(x, y, batch_size=bad)
     with pytest.raises(ConfigError, match="workers"):
-        D.make_loader(x, y, workers=-1)
+        loaders.make_loader(x, y, workers=-1)
 
 
 def test_source_names_the_data_as_the_user_did_never_the_machine_path(tmp_path, monkeypatch):

@@ -6,21 +6,21 @@ import torch
 from torch import nn
 
 from conftest import REPO
-from helpers import engine
+from helpers import engine, hardware, loop, optim
 from helpers.augment import test_transforms
 from helpers.checkpoint import load_model, save_checkpoint
 from helpers.config import recipe
-from helpers.data import make_loader
+from helpers.loaders import make_loader
 from helpers.errors import CheckpointError, ConfigError, DivergenceError
 from helpers.models import get_model
 
 
-QUIET = engine.RunOptions(device="cpu", progress=False)
+QUIET = hardware.RunOptions(device="cpu", progress=False)
 
 
 def schedule_lrs(epochs=24, steps=98, peak=5, lr_max=2.54e-3, lr_min=None):
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = engine.one_cycle(opt, lr_max, lr_min, epochs, steps, peak)
+    sched = optim.one_cycle(opt, lr_max, lr_min, epochs=epochs, steps_per_epoch=steps, peak_epoch=peak)
     lrs = []
     for _ in range(epochs * steps):
         lrs.append(opt.param_groups[0]["lr"])
@@ -47,7 +47,7 @@ def test_seed001_schedule_numbers():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"peak": 30}, "peak epoch 30 is beyond the 24 epochs"),
+    ({"peak": 30}, "peak epoch 30 is outside 1..24"),
     ({"lr_max": 0}, "lr_max must be a positive number"),
     ({"lr_max": -1e-3}, "lr_max must be a positive number"),
     ({"lr_min": 1.0}, "is above lr_max"),
@@ -69,14 +69,14 @@ def test_bad_recipes_are_refused():
     with pytest.raises(ConfigError, match="epochs must be a whole number >= 1, got True"):
         recipe("vgg", smoke=False, epochs=True)
     with pytest.raises(ConfigError, match="unknown optimizer"):
-        engine.make_optimizer("rmsprop", get_model("compact").parameters(), 1e-3)
+        optim.make_optimizer("rmsprop", get_model("compact").parameters(), 1e-3)
 
 
 def test_device_choice():
-    assert engine.get_device("cpu").type == "cpu"
-    assert engine.get_device().type in {"cpu", "cuda", "mps"}
+    assert hardware.get_device("cpu").type == "cpu"
+    assert hardware.get_device().type in {"cpu", "cuda", "mps"}
     with pytest.raises(ConfigError, match="unknown device"):
-        engine.get_device("tpu")
+        hardware.get_device("tpu")
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,14 +91,14 @@ def loaders(data, n_train=256, batch=32, shuffle=True, workers=0):
 
 
 def test_a_small_model_overfits_256_images(small_data):
-    engine.seed_everything(0)
+    hardware.seed_everything(0)
     model = get_model("compact")
     train, test = loaders(small_data)
-    opt = engine.make_optimizer("adam", model.parameters(), 2e-3)
+    opt = optim.make_optimizer("adam", model.parameters(), 2e-3)
     history = engine.fit(model, train, test, opt, 25, options=QUIET)
     eval_train = make_loader(small_data.train_images[:256], small_data.train_labels[:256],
                              test_transforms(small_data.mean, small_data.std), batch_size=256)
-    acc = engine.evaluate(model, eval_train, progress=False)["acc"]
+    acc = loop.evaluate(model, eval_train, progress=False)["acc"]
     print(f"train accuracy on 256 real images after 25 epochs: {acc:.3f}")
     assert acc >= 0.95
     assert len(history["train_loss"]) == 25 and len(history["lr"]) == 25 * 8
@@ -109,8 +109,8 @@ def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):
     torch.manual_seed(0)
     model = get_model("resnet9")
     train, _ = loaders(small_data, n_train=64)
-    opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
-    engine.train_one_epoch(model, train, opt, options=QUIET)    # move the BN statistics too
+    opt = optim.make_optimizer("adam", model.parameters(), 1e-3)
+    loop.train_one_epoch(model, train, opt, options=QUIET)    # move the BN statistics too
     path = save_checkpoint(tmp_path / "ckpt" / "resnet9.pt", model, "resnet9", metrics={"acc": 0.5})
     assert not list(path.parent.glob("*.tmp"))                  # nothing half-written left behind
     loaded, ckpt = load_model(path)
@@ -130,9 +130,9 @@ def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
     for amp in (None, "fp16"):
         torch.manual_seed(0)
         model = get_model("compact")
-        opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
+        opt = optim.make_optimizer("adam", model.parameters(), 1e-3)
         path = tmp_path / f"{amp}.pt"
-        engine.fit(model, train, test, opt, 1, options=engine.RunOptions("cpu", amp, progress=False),
+        engine.fit(model, train, test, opt, 1, options=hardware.RunOptions("cpu", amp, progress=False),
                    extras=engine.FitOptions(early_stopping=3, checkpoint_path=path, config={"seed": 0}))
         ckpt = torch.load(path, weights_only=True)
         assert list(ckpt) == ["format", "arch", "model", "optimizer", "scheduler", "scaler", "epoch", "history",
@@ -156,9 +156,9 @@ def test_resume_under_other_speed_settings_says_it_will_not_end_identically(smal
     def run(epochs, workers, resume=None):
         torch.manual_seed(0)
         model = get_model("compact")
-        opt = engine.make_optimizer("adam", model.parameters(), 1e-3)
+        opt = optim.make_optimizer("adam", model.parameters(), 1e-3)
         engine.fit(model, train, test, opt, epochs, log=lines.append,
-                   options=engine.RunOptions("cpu", workers=workers, progress=False),
+                   options=hardware.RunOptions("cpu", workers=workers, progress=False),
                    extras=engine.FitOptions(checkpoint_path=path, resume=resume))
 
     run(1, workers=0)
@@ -182,8 +182,8 @@ def test_resumable_accepts_the_same_recipe_and_refuses_another_saying_why(small_
     path, said = tmp_path / "compact_last.pt", []
     assert resumable(path, r, said.append) is None and said == []            # no file yet: nothing to say
     model = get_model("compact")
-    engine.fit(model, train, train, engine.make_optimizer("nadam", model.parameters(), r.lr), 1,
-               options=engine.RunOptions("cpu", progress=False),
+    engine.fit(model, train, train, optim.make_optimizer("nadam", model.parameters(), r.lr), 1,
+               options=hardware.RunOptions("cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=path, config=r.to_dict()))
     assert resumable(path, r, said.append) == path
     assert resumable(path, r.replace(test_batch_size=r.test_batch_size * 2), said.append) == path   # RESUME_FREE
@@ -234,7 +234,7 @@ def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch
     epoch 4 and the model ends with the weights it had after epoch 2."""
     accs = iter([0.3, 0.6, 0.5, 0.4, 0.9])
     snapshots = []
-    real_evaluate = engine.evaluate
+    real_evaluate = loop.evaluate
 
     def scripted(model, *args, **kwargs):
         real_evaluate(model, *args, **kwargs)
@@ -245,7 +245,7 @@ def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch
     torch.manual_seed(0)
     model = get_model("compact")
     train, test = loaders(small_data, n_train=64)
-    opt = engine.make_optimizer("nadam", model.parameters(), 2.5e-3)
+    opt = optim.make_optimizer("nadam", model.parameters(), 2.5e-3)
     history = engine.fit(model, train, test, opt, 10, options=QUIET,
                          extras=engine.FitOptions(early_stopping=2))
     assert len(snapshots) == 4 and history["best_epoch"] == 1
@@ -266,7 +266,7 @@ def test_divergence_guard_stops_with_step_and_lr(small_data):
 def test_same_seed_gives_the_same_history_with_workers(small_data):
     """Determinism on CPU: two runs of a recipe with 2 loader workers agree exactly."""
     r = recipe("compact", smoke=True, epochs=2, early_stopping_patience=None)
-    options = engine.RunOptions(device="cpu", workers=2, progress=False)
+    options = hardware.RunOptions(device="cpu", workers=2, progress=False)
     runs = [engine.train(r, small_data, options) for _ in range(2)]
     h1, h2 = (run["history"] for run in runs)
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
@@ -286,8 +286,8 @@ def test_short_resnet9_run_on_real_data_reports_test_accuracy(small_data):
 
 def test_auto_options_pick_bf16_only_where_the_hardware_has_it(monkeypatch):
     for native in (True, False):
-        monkeypatch.setattr(engine, "_cpu_has_native_bf16", lambda: native)
-        opts = engine.auto_options("cpu")
+        monkeypatch.setattr(hardware, "_cpu_has_native_bf16", lambda: native)
+        opts = hardware.auto_options("cpu")
         assert (opts.amp, opts.channels_last) == (("bf16", True) if native else (None, False))
         assert opts.fast_augment and opts.workers == 0 and opts.device == "cpu"
         text = opts.describe()
@@ -296,11 +296,11 @@ def test_auto_options_pick_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 
 def test_auto_options_on_cuda_follow_the_compute_capability(monkeypatch):
-    monkeypatch.setattr(engine, "get_device", lambda preferred=None: torch.device("cuda"))
+    monkeypatch.setattr(hardware, "get_device", lambda preferred=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     for capability, amp in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        opts = engine.auto_options()
+        opts = hardware.auto_options()
         assert (opts.amp, opts.channels_last, opts.fast_augment) == (amp, True, True)
         assert ("grad scaler" in opts.describe()) == (amp == "fp16")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import analysis, augment as aug, config, engine, speed
+from helpers import analysis, augment as aug, config, engine, hardware, loop, speed
 from helpers.checkpoint import load_model, save_checkpoint
 from helpers.models import FastNet, count_parameters, get_model, init_whitening
 
@@ -46,9 +46,9 @@ def test_without_whitening_the_first_layer_is_learned_from_its_random_init(small
     from helpers.errors import ConfigError
 
     r = config.recipe("fast", smoke=True, epochs=1, whiten=False)
-    engine.seed_everything(r.seed)
+    hardware.seed_everything(r.seed)
     untouched = get_model("fast").whiten.weight.clone()            # train() seeds, then builds this net
-    run = engine.train(r, small_data, engine.RunOptions("cpu", progress=False))
+    run = engine.train(r, small_data, hardware.RunOptions("cpu", progress=False))
     stem = run["model"].whiten.weight
     assert stem.requires_grad and not run["model"].whitened
     assert stem.shape == untouched.shape and not torch.equal(stem, untouched)   # trained, not computed
@@ -81,7 +81,7 @@ def test_matmul_and_train_rates_are_measured_live():
     model = get_model("fast")
     init_whitening(model, x)
     before = model.fc.weight.clone()
-    r = speed.train_rate(model, config.recipe("fast", smoke=True), engine.RunOptions("cpu"), x, y, min_run_time=0.2)
+    r = speed.train_rate(model, config.recipe("fast", smoke=True), hardware.RunOptions("cpu"), x, y, min_run_time=0.2)
     assert r > 1 and not torch.equal(before, model.fc.weight)     # real steps ran
 
 
@@ -210,22 +210,22 @@ def test_flip_translate_albumentations_pipeline_draws_the_same_shifts(small_data
 # ----------------------------------------------------------------------------------------
 def test_tta_views_and_averaged_logits():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
-    assert len(analysis.tta_views(x)) == 1 and len(analysis.tta_views(x, flip=True)) == 2
-    views = analysis.tta_views(x, flip=True, shift=1)
+    assert len(loop.tta_views(x)) == 1 and len(loop.tta_views(x, flip=True)) == 2
+    views = loop.tta_views(x, flip=True, shift=1)
     assert len(views) == 6
-    down = analysis.shifted(x, 1, 1)                        # content moves down-right by one pixel
+    down = loop.shifted(x, 1, 1)                        # content moves down-right by one pixel
     assert torch.equal(down[..., 1:, 1:], x[..., :-1, :-1])
     assert torch.equal(down[..., 0, 1:], x[..., 1, :-1])    # the new top row reflects row 1
-    assert torch.equal(analysis.shifted(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
-    assert torch.equal(views[1], analysis.shifted(x, -1, -1)) and torch.equal(views[2], down)
-    assert torch.equal(views[3], x.flip(3)) and torch.equal(views[4], analysis.shifted(x, -1, -1).flip(3))
-    assert analysis.tta_label(True, 1) == "flip + 1 px shifts" and analysis.tta_label(False, 0) == "none"
+    assert torch.equal(loop.shifted(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(views[1], loop.shifted(x, -1, -1)) and torch.equal(views[2], down)
+    assert torch.equal(views[3], x.flip(3)) and torch.equal(views[4], loop.shifted(x, -1, -1).flip(3))
+    assert loop.tta_label(True, 1) == "flip + 1 px shifts" and loop.tta_label(False, 0) == "none"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
     model(x)
     data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1]))
     loader = torch.utils.data.DataLoader(data, batch_size=2)
-    logits, _ = analysis.predict_logits(model, loader, tta_flip=True, tta_shift=1)
+    logits, _ = loop.predict_logits(model, loader, tta_flip=True, tta_shift=1)
     with torch.no_grad():
         expected = sum(model(v) for v in views) / 6
         plain = model(x)
@@ -245,7 +245,7 @@ def test_fast_recipe_settings_and_checks():
 # ----------------------------------------------------------------------------------------
 def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tmp_path):
     r = config.recipe("fast", smoke=True, epochs=3)
-    run = engine.train(r, small_data, engine.RunOptions("cpu", fast_augment=True, progress=False))
+    run = engine.train(r, small_data, hardware.RunOptions("cpu", fast_augment=True, progress=False))
     model, history = run["model"], run["history"]
     assert len(history["train_loss"]) == 3 and all(np.isfinite(history["train_loss"]))
     assert history["train_loss"][-1] < history["train_loss"][0]

@@ -1,14 +1,11 @@
-"""The fast path (helpers.augment.BatchAugment, helpers.data.DeviceLoader) against seed 001's
+"""The fast path (helpers.augment.BatchAugment, helpers.loaders.DeviceLoader) against seed 001's
 albumentations pipeline: the same distributions, the same pixels for the same parameters,
 and a DeviceLoader that feeds every image once per epoch, reproducibly. CPU only.
 
 Every random draw here comes from a seeded generator, so each run sees the same numbers;
 the statistical bounds are still wide (about 5 sigma) so that a change of seed cannot fail.
 """
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
+import helpers.augment as aug  # first: it sets NO_ALBUMENTATIONS_UPDATE before albumentations loads
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -16,9 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
-from helpers import augment as aug  # noqa: E402
-from helpers import engine  # noqa: E402
-from helpers.data import DeviceLoader, make_loader  # noqa: E402
+from helpers import engine, hardware, optim  # noqa: E402
+from helpers.loaders import DeviceLoader, build_loaders  # noqa: E402
 from helpers.models import get_model  # noqa: E402
 
 PAD, HOLE, SIDE, CUTOUT_PAD = aug.PAD, aug.HOLE, 32, aug.CUTOUT_PAD
@@ -414,42 +410,40 @@ def test_device_loader_without_augmentation_is_normalised(real_data):
     assert n == 50_000 * 32 * 32
 
 
-def test_device_loader_from_a_training_loader_keeps_its_settings(small_data):
-    spec = {"name": "seed001", "mean": small_data.mean, "std": small_data.std}
-    train = make_loader(small_data.train_images, small_data.train_labels,
-                        aug.train_transforms(small_data.mean, small_data.std), batch_size=100,
-                        shuffle=True, seed=9, drop_last=True, recipe=spec)
-    fast = DeviceLoader.from_loader(train, "cpu")
-    assert (fast.batch_size, fast.seed, fast.drop_last, len(fast)) == (100, 9, True, len(train))
+def test_build_loaders_makes_the_device_loader_where_the_options_ask_for_it(small_data):
+    from helpers.config import recipe
+
+    r = recipe("resnet9", batch_size=100, seed=9)
+    fast = build_loaders(r, small_data, hardware.RunOptions(device="cpu", fast_augment=True))[0]
+    plain = build_loaders(r, small_data, hardware.RunOptions(device="cpu"))[0]
+    assert isinstance(fast, DeviceLoader) and not isinstance(plain, DeviceLoader)
+    assert (fast.batch_size, fast.seed, len(fast)) == (100, 9, len(plain))
     x, y = collect(fast, 0)
     assert x.shape == (1000, 3, 32, 32) and sorted(y.tolist()) == sorted(small_data.train_labels.tolist())
-    spec["name"] = "seed004"
-    with pytest.raises(Exception, match="seed001"):
-        DeviceLoader.from_loader(make_loader(small_data.train_images, small_data.train_labels,
-                                             batch_size=100, recipe=spec), "cpu")
+    with pytest.raises(Exception, match="seed001"):                   # seed 004's pipeline has no twin
+        build_loaders(r.replace(augment="seed004"), small_data, hardware.RunOptions(device="cpu", fast_augment=True))
 
 
 # ----------------------------------------------------------------------------------------
-# fit(..., options=RunOptions(fast_augment=True)) end to end
+# fit on build_loaders(..., RunOptions(fast_augment=True)) end to end
 # ----------------------------------------------------------------------------------------
 def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
+    from helpers.config import recipe
+
     data = small_data.subset(20, 10)                     # 200 train, 100 test real images
-    spec = {"name": "seed001", "mean": data.mean, "std": data.std}
     calls = []
     original = aug.BatchAugment.__call__
     monkeypatch.setattr(aug.BatchAugment, "__call__", lambda self, x, g=None: calls.append(len(x)) or original(self, x, g))
+    options = hardware.RunOptions(device="cpu", fast_augment=True, progress=False)
 
     def run():
-        engine.seed_everything(0)
+        hardware.seed_everything(0)
         model = get_model("compact")
-        train = make_loader(data.train_images, data.train_labels,
-                            aug.train_transforms(data.mean, data.std), batch_size=64, shuffle=True, recipe=spec)
-        test = make_loader(data.test_images, data.test_labels, aug.test_transforms(data.mean, data.std),
-                           batch_size=100)
+        r = recipe("compact", augment="seed001", batch_size=64, test_batch_size=100, val_split=0.0, seed=0)
+        train, _, test = build_loaders(r, data, options)
         before = [p.detach().clone() for p in model.parameters()]
-        opt = engine.make_optimizer("adam", model.parameters(), 2e-3)
-        history = engine.fit(model, train, test, opt, 1,
-                             options=engine.RunOptions(device="cpu", fast_augment=True, progress=False))
+        opt = optim.make_optimizer("adam", model.parameters(), 2e-3)
+        history = engine.fit(model, train, test, opt, 1, options=options)
         moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         return history, moved
 

@@ -85,7 +85,7 @@ def test_model_and_optimizer_are_restored(tiny_real):
     for k, v in exp_avg.items():
         assert torch.equal(new_state["state"][k]["exp_avg"], v)
     # and a OneCycle schedule can still be attached to the restored optimizer
-    from helpers.engine import one_cycle
+    from helpers.optim import one_cycle
     one_cycle(opt, 2.54e-3, epochs=2, steps_per_epoch=3, peak_epoch=1)
 
 
@@ -110,18 +110,25 @@ def test_bad_range_test_settings_are_refused(tiny_real, kwargs, match):
         lr_finder.range_test(model, loader, opt, progress=False, **kwargs)
 
 
-def test_smoke_mode_shrinks_the_test(tiny_real, monkeypatch):
-    monkeypatch.setenv("SMOKE_TEST", "1")
-    assert lr_finder.default_num_iter() == config.SMOKE_LR_FINDER_ITERS
-    assert lr_finder.range_test_loader(tiny_real).batch_size == config.SMOKE_BATCH_SIZE
+def test_smoke_mode_shrinks_the_test(tiny_real):
+    assert lr_finder.default_num_iter(smoke=True) == config.SMOKE_LR_FINDER_ITERS
+    assert lr_finder.default_batch_size(smoke=True) == config.SMOKE_BATCH_SIZE
+    assert lr_finder.default_num_iter(smoke=False) == config.LR_FINDER_ITERS == 100
+    assert lr_finder.default_batch_size(smoke=False) == config.BATCH_SIZE == 512
     model, opt = fresh()
     r = lr_finder.range_test(model, lr_finder.range_test_loader(tiny_real, batch_size=16), opt,
-                             progress=False)
+                             num_iter=lr_finder.default_num_iter(smoke=True), progress=False)
     assert r.num_iter == config.SMOKE_LR_FINDER_ITERS
     assert len(r.lrs) <= config.SMOKE_LR_FINDER_ITERS
-    monkeypatch.setenv("SMOKE_TEST", "0")
-    assert lr_finder.default_num_iter() == config.LR_FINDER_ITERS == 100
-    assert lr_finder.default_batch_size() == config.BATCH_SIZE == 512
+
+
+def test_the_package_never_reads_smoke_test_itself(monkeypatch):
+    """Smoke mode is an argument: SMOKE_TEST is read by the entry points alone (the notebooks'
+    first cells, the command line, the test suite), so a recipe asked for is the full one."""
+    monkeypatch.setenv("SMOKE_TEST", "1")
+    assert config.recipe("resnet9").epochs == config.EPOCHS == 24
+    assert config.recipe("resnet9", smoke=True).epochs == config.SMOKE_EPOCHS
+    assert lr_finder.lr_choice_file(smoke=False) == config.REPO_ROOT / "artifacts" / "lr_choice.json"
 
 
 # ----------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ def test_smoke_runs_keep_their_artifacts_apart_from_a_full_run():
     import subprocess
     import sys
 
-    code = "from helpers import config, lr_finder; print(config.ARTIFACTS_DIR); print(lr_finder.LR_CHOICE_FILE)"
+    code = ("from helpers import config, lr_finder; smoke = config.smoke_mode(); "
+            "print(config.artifacts_dir(smoke)); print(lr_finder.lr_choice_file(smoke))")
     found = {}
     for setting in ("1", "0"):
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

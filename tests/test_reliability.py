@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import REPO, smoke_env, write_image_tree
-from helpers import config, engine
+from helpers import config, engine, hardware, loop, optim
 from helpers.checkpoint import load_checkpoint, save_checkpoint
-from helpers.data import load_cifar10, read_image
+from helpers.data import load_cifar10
+from helpers.images import read_image
 from helpers.errors import CheckpointError, ConfigError, DatasetError, DivergenceError, ImageError
 from helpers.models import get_model
 
@@ -102,8 +103,8 @@ def test_written_files_get_the_users_umask(tmp_path):
 def test_a_one_cycle_with_a_single_step_up_is_refused(epochs, steps, peak):
     opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(ConfigError, match="--train_batch"):
-        engine.one_cycle(opt, 1e-3, epochs=epochs, steps_per_epoch=steps, peak_epoch=peak)
-    engine.one_cycle(opt, 1e-3, epochs=2, steps_per_epoch=2, peak_epoch=1)   # two steps up: fine
+        optim.one_cycle(opt, 1e-3, epochs=epochs, steps_per_epoch=steps, peak_epoch=peak)
+    optim.one_cycle(opt, 1e-3, epochs=2, steps_per_epoch=2, peak_epoch=1)   # two steps up: fine
 
 
 def test_fp16_on_a_cpu_is_refused_by_the_cli_and_warned_about_by_fit(tmp_path):
@@ -113,22 +114,22 @@ def test_fp16_on_a_cpu_is_refused_by_the_cli_and_warned_about_by_fit(tmp_path):
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.warns(UserWarning, match="bf16.*fp32"):
-        engine.fit(model, batches, batches, opt, 1, options=engine.RunOptions(device="cpu", amp="fp16", progress=False))
+        engine.fit(model, batches, batches, opt, 1, options=hardware.RunOptions(device="cpu", amp="fp16", progress=False))
 
 
 def test_the_guard_stops_a_finite_blow_up_and_passes_a_noisy_descent():
-    guard = engine.DivergenceGuard(window=4)
+    guard = loop.DivergenceGuard(window=4)
     for step, loss in enumerate([2.4, 2.9, 2.1, 1.5, 3.0, 1.2, 0.9, 1.1]):       # noisy, but learning
         guard.add(torch.tensor(loss), step, 0.1, images=32)
     guard.check()
     for step, (loss, images) in enumerate([(0.4, 32), (0.3, 32), (30.0, 1)]):    # one image, badly wrong:
         guard.add(torch.tensor(loss), 8 + step, 0.1, images)                    # weighted, no alarm
     guard.check()
-    guard = engine.DivergenceGuard(window=2)
+    guard = loop.DivergenceGuard(window=2)
     with pytest.raises(DivergenceError, match=r"grew to 6\.55e\+03 over steps 2-3 \(LR 0\.5\), past 23"):
         for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (3100.0, 0.5), (1e4, 0.5)]):
             guard.add(torch.tensor(loss), step, lr, images=32)
-    guard = engine.DivergenceGuard(window=4)
+    guard = loop.DivergenceGuard(window=4)
     with pytest.raises(DivergenceError, match=r"became nan at step 2 \(LR 0\.5, after a step at LR 0\.1\)"):
         for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (math.nan, 0.5), (1e9, 0.5)]):
             guard.add(torch.tensor(loss), step, lr, images=32)
@@ -136,14 +137,14 @@ def test_the_guard_stops_a_finite_blow_up_and_passes_a_noisy_descent():
 
 def test_a_real_blow_up_stops_the_run_before_anything_is_saved(tmp_path):
     """Adam at LR 1e4 on the compact net: the loss climbs to about 1e2..1e10, finite at first."""
-    engine.seed_everything(0)
+    hardware.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(6)]
     model = get_model("compact")
     opt = torch.optim.Adam(model.parameters(), lr=1e4)
     ckpt = tmp_path / "compact_last.pt"
     with pytest.raises(DivergenceError, match="grew to .* the LR is too high"):
-        engine.fit(model, batches, batches[:1], opt, 3, options=engine.RunOptions(device="cpu", progress=False),
+        engine.fit(model, batches, batches[:1], opt, 3, options=hardware.RunOptions(device="cpu", progress=False),
                    extras=engine.FitOptions(checkpoint_path=ckpt, arch="compact"))
     assert not ckpt.exists()
 
@@ -210,18 +211,18 @@ CHILD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from pathlib import Path
-    from helpers import engine
+    from helpers import engine, hardware
     from helpers.checkpoint import save_checkpoint
     from helpers.models import get_model
     folder = Path(sys.argv[1])
     ckpt = folder / "fast_last.pt"
-    engine.seed_everything(0)
+    hardware.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
     model = get_model("fast").learn_first_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     print("ready", flush=True)
-    engine.fit(model, batches, batches[:1], opt, 8, options=engine.RunOptions(device="cpu", progress=False),
+    engine.fit(model, batches, batches[:1], opt, 8, options=hardware.RunOptions(device="cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=ckpt, arch="fast", resume=ckpt if ckpt.exists() else None))
     save_checkpoint(folder / "final.pt", model, "fast")
 """)

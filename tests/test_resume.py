@@ -9,7 +9,7 @@ the same run left alone. What that needs, and what these tests set:
   - the CPU (--device cpu) and the same number of torch threads in every run: the tests set
     OMP_NUM_THREADS=1 (a float sum split over another thread count may round differently);
   - the same --workers: 0, or 2 worker processes (each epoch's shuffling and augmentation
-    streams are a pure function of seed and epoch, helpers.data.SeededLoader; the loaders
+    streams are a pure function of seed and epoch, helpers.loaders.SeededLoader; the loaders
     never use persistent workers, whose streams would run on across epochs);
   - the checkpoint holds model, optimizer, early-stopping state and every RNG, and is
     written atomically, so it is complete as soon as it exists.
@@ -132,7 +132,7 @@ def test_killed_run_resumes_to_identical_weights_and_history(tmp_path, workers, 
 
 def _small_loaders(data, n_train=128, n_test=64, batch=32):
     from helpers.augment import test_transforms
-    from helpers.data import make_loader
+    from helpers.loaders import make_loader
 
     tf = test_transforms(data.mean, data.std)
     return (make_loader(data.train_images[:n_train], data.train_labels[:n_train], tf, batch_size=batch, shuffle=True),
@@ -146,7 +146,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     huge step, on 128 real images, 4 steps per epoch.)"""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from helpers import engine
+    from helpers import engine, hardware
     from helpers.checkpoint import load_checkpoint
     from helpers.data import load_cifar10
     from helpers.errors import DivergenceError
@@ -163,8 +163,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(engine, "save_checkpoint", recording_save)
-    quiet = engine.RunOptions(device="cpu", progress=False)
-    engine.seed_everything(0)
+    quiet = hardware.RunOptions(device="cpu", progress=False)
+    hardware.seed_everything(0)
     model = get_model("vgg")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     # LR 1e-3 through epoch 1 and the first step of epoch 2 (so the saved optimizer holds 1e-3), then 1e6
@@ -196,18 +196,18 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 def test_cli_divergence_is_one_line_and_leaves_the_checkpoint_alone(tmp_path):
     """`train --lr 1e6` (VGG: plain SGD, no BatchNorm to absorb it) stops with one line naming
     the step and the LR, exit 1; the checkpoint already in --checkpoints stays as it was."""
-    from helpers import engine
+    from helpers import engine, hardware, optim
     from helpers.checkpoint import load_checkpoint
     from helpers.config import recipe
     from helpers.data import load_cifar10
     from helpers.models import get_model
 
     train, test = _small_loaders(load_cifar10(DATA, download=False).smoke_subset(), n_train=16, n_test=16, batch=16)
-    engine.seed_everything(0)
+    hardware.seed_everything(0)
     model = get_model("vgg")
-    opt = engine.make_optimizer("sgd", model.parameters(), 1e-3)
+    opt = optim.make_optimizer("sgd", model.parameters(), 1e-3)
     ckpt = tmp_path / "models" / "vgg_last.pt"
-    engine.fit(model, train, test, opt, 1, options=engine.RunOptions(device="cpu", progress=False),
+    engine.fit(model, train, test, opt, 1, options=hardware.RunOptions(device="cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=ckpt, config=recipe("vgg", smoke=True).to_dict()))
     before = (sha256(ckpt), os.stat(ckpt).st_mtime_ns)
 

@@ -22,7 +22,7 @@ def test_variants_change_one_regulariser_at_a_time_from_the_seed_recipe():
 
 
 def test_smoke_study_trains_every_variant_on_real_images(small_data):
-    from helpers.engine import RunOptions
+    from helpers.hardware import RunOptions
 
     result = study.run_study(small_data, RunOptions("cpu"), smoke=True, log=lambda *a: None)
     rows = result["rows"]
@@ -66,7 +66,7 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
 
 
 def test_smoke_fast_ablation_runs_on_real_images(small_data):
-    from helpers.engine import RunOptions
+    from helpers.hardware import RunOptions
 
     result = study.run_study(small_data, RunOptions("cpu", fast_augment=True), smoke=True, log=lambda *a: None,
                              only=["fast recipe", "no label smoothing"], study="fast")

@@ -1,0 +1,210 @@
+"""The training step and the loops around it, on any device: one epoch of training
+(`train_one_epoch`), one pass of evaluation (`evaluate`, `predict_logits`), and what the step
+needs on the way: batches moved to the device (`to_device`), mixed precision (`autocast` and a
+grad scaler that is on only for fp16), test-time augmentation, and a divergence guard that
+reads the losses back only once in a while. `helpers.engine.fit` runs these epoch after epoch.
+
+    stats = train_one_epoch(model, loader, optimizer, scheduler)   # {"loss", "acc", "lr": [...]}
+    evaluate(model, test_loader)                                  # {"loss", "acc"}
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import all_reduce, is_distributed, is_main
+from .errors import DivergenceError
+from .hardware import RunOptions
+
+GUARD_WINDOW = 20          # the divergence guard reads the losses back once per this many steps
+DIVERGENCE_FACTOR = 10.0   # ... and stops a run whose loss climbs past this many times its start
+
+
+# ----------------------------------------------------------------------------------------
+# The device and the precision of a step
+# ----------------------------------------------------------------------------------------
+def autocast(device, amp: str | None):
+    """Autocast to bf16 or fp16 on `device` for amp="bf16"/"fp16"; nothing for None (fp32)."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device, amp: str | None) -> torch.amp.GradScaler:
+    """fp16's loss scaling (small gradients would round to zero without it); for bf16 and fp32
+    a disabled scaler, whose scale/step/update are the plain backward and step."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
+
+
+def to_device(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """`x` on `device`; an image batch stored NHWC with channels_last."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+# ----------------------------------------------------------------------------------------
+# One epoch of training
+# ----------------------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, *, loss_fn=None,
+                    options: RunOptions | None = None, scaler: torch.amp.GradScaler | None = None,
+                    first_step: int = 0, guard: DivergenceGuard | None = None, desc: str = "train") -> dict:
+    """One pass over `loader` on the model's device, stepping the scheduler once per batch.
+
+    Returns {"loss", "acc", "lr": [the LR of every step]}. `options` gives the precision,
+    memory layout and progress bar; `scaler` carries fp16's loss scale from epoch to epoch
+    (default: grad_scaler for options.amp); `first_step` numbers the steps for the divergence
+    guard, which `fit` keeps for the whole run.
+    """
+    opt = options or RunOptions()
+    device = next(model.parameters()).device                           # the batches go where the model is
+    guard, loss_fn = guard or DivergenceGuard(), loss_fn or nn.CrossEntropyLoss()
+    scaler = scaler or grad_scaler(device, opt.amp)
+    model.train()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)    # running sums, kept on
+    correct = torch.zeros((), device=device, dtype=torch.int64)         # the device: no sync
+    seen, lrs = 0, []
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (opt.progress and is_main()), dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = to_device(x, device, opt.channels_last), y.to(device, non_blocking=True)
+        lr = optimizer.param_groups[0]["lr"]
+        with autocast(device, opt.amp):          # bf16/fp16 where options.amp asks for it
+            out = model(x)
+            loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()            # the gradients (of the scaled loss under fp16) ...
+        scaler.step(optimizer)                   # ... one step down them (skipped if fp16 overflowed)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        lrs.append(lr)
+        total_loss += loss.detach().double() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if guard.add(loss, first_step + step, lr, len(y)) and opt.progress:     # the guard read the losses back:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}",      # showing them costs no extra wait
+                            acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.2e}")
+    guard.check()                                # the epoch's last losses, before anything is saved
+    stats = all_reduce(torch.stack([total_loss, correct.double(),       # over every process under DDP
+                                    torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+    return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item(), "lr": lrs}
+
+
+class DivergenceGuard:
+    """Stops a run whose loss has diverged: raises DivergenceError, naming the step and the
+    LR, when a loss is NaN or infinite, or when the mean loss of a window of steps (weighted by
+    their images, so that a short last batch counts for little) exceeds DIVERGENCE_FACTOR times
+    the larger of the run's first loss and ln 10 (chance level for ten classes). A run that
+    learns never climbs that far above where it started; a too-high LR does, often to 1e10 and
+    beyond, before any NaN. The ln 10 floor keeps a resumed run, whose first loss may be tiny,
+    from being stopped by an ordinary noisy window.
+
+    The losses stay on the device and are read back once every GUARD_WINDOW steps and at the
+    end of each epoch, so the loop never waits for the device step by step. Under DDP every
+    process reads the worst of all processes' losses, so they stop together.
+    """
+
+    def __init__(self, window: int = GUARD_WINDOW, factor: float = DIVERGENCE_FACTOR, floor: float = math.log(10)):
+        self.window, self.factor, self.floor = window, factor, floor
+        self.limit: float | None = None            # factor x max(first loss, floor), set by the first check
+        self.pending: list = []                    # (loss tensor, images, step, lr) not yet read back
+        self.last_lr: float | None = None
+
+    def add(self, loss: torch.Tensor, step: int, lr: float, images: int = 1) -> bool:
+        """Keep one step's loss; check when a window is full. True when it checked."""
+        self.pending.append((loss.detach(), images, step, lr))
+        if len(self.pending) < self.window:
+            return False
+        self.check()
+        return True
+
+    def check(self) -> None:
+        """Read the pending losses back (one wait on the device) and raise if they diverged."""
+        if not self.pending:
+            return
+        losses = torch.stack([p[0].float() for p in self.pending])
+        if is_distributed():                       # the worst of every process's (NaN counts as inf)
+            losses = all_reduce(torch.nan_to_num(losses, nan=math.inf), op="max")
+        values, (_, images, steps, lrs) = losses.tolist(), zip(*self.pending)
+        self.pending = []
+        if self.limit is None and math.isfinite(values[0]):
+            self.limit = self.factor * max(values[0], self.floor)
+        previous = self.last_lr
+        for value, step, lr in zip(values, steps, lrs):
+            if not math.isfinite(value):
+                before = f", after a step at LR {previous:.3g}" if previous not in (None, lr) else ""
+                raise DivergenceError(f"loss became {value} at step {step} (LR {lr:.3g}{before}): "
+                                      f"{self._hint(max(lr, previous or lr))}")
+            previous = lr
+        mean = sum(v * n for v, n in zip(values, images)) / sum(images)
+        if self.limit is not None and mean > self.limit:
+            raise DivergenceError(f"loss grew to {mean:.3g} over steps {steps[0]}-{steps[-1]} (LR {lrs[-1]:.3g}), "
+                                  f"past {self.limit:.3g} ({self.factor:g}x where the run started): "
+                                  f"{self._hint(max(lrs + (self.last_lr or 0,)))}")
+        self.last_lr = lrs[-1]
+
+    @staticmethod
+    def _hint(lr: float) -> str:
+        return f"the LR is too high; try a lower one, e.g. {lr / 10:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: the logits over a loader, with optional test-time augmentation
+# ----------------------------------------------------------------------------------------
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """An NCHW batch translated by (dy, dx) pixels (content moves down/right for positive
+    values), the uncovered border filled by reflection, as the augmentation's padding is."""
+    s = max(abs(dy), abs(dx))
+    if s == 0:
+        return x
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    h, w = x.shape[-2:]
+    out = padded[..., s - dy:s - dy + h, s - dx:s - dx + w]
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else out
+
+
+def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
+    """Test-time augmentation: the batch, shifted by (-shift, -shift) and (+shift, +shift) when
+    shift > 0, and the mirror image of each of these when flip is set (1 to 6 views)."""
+    views = [x] + ([shifted(x, -shift, -shift), shifted(x, shift, shift)] if shift else [])
+    return views + [v.flip(3) for v in views] if flip else views
+
+
+def tta_label(flip: bool, shift: int) -> str:
+    """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none'."""
+    return " + ".join(["flip"] * bool(flip) + [f"{shift} px shifts"] * bool(shift)) or "none"
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels_last: bool = False,
+                   tta_flip: bool = False, tta_shift: int = 0, progress: bool = False,
+                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for every batch of `loader`, run on the model's device, returned on the
+    CPU in loader order. tta_flip / tta_shift average the logits over the views of `tta_views`
+    (the mirror image, copies shifted by a few pixels)."""
+    device = next(model.parameters()).device
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x = to_device(x, device, channels_last)
+        with autocast(device, amp):
+            views = tta_views(x, tta_flip, tta_shift)
+            out = sum(model(v).float() for v in views) / len(views)
+        logits.append(out.cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader, *, loss_fn=None, amp: str | None = None, channels_last: bool = False,
+             tta_flip: bool = False, tta_shift: int = 0, progress: bool = True, desc: str = "eval") -> dict:
+    """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy), on the
+    model's device."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    logits, labels = predict_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
+                                    tta_shift=tta_shift, progress=progress and is_main(), desc=desc)
+    return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}
