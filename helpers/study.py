@@ -200,8 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--study", choices=list(STUDIES), default="overfitting", help="which study to run")
     p.add_argument("--out", default=None, help="where to write the record; when not given, the study's file in results/")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
-    p.add_argument("--smoke", action=argparse.BooleanOptionalAction,
-                   help="a tiny version (default: on when SMOKE_TEST=1 is set, else off)")
+    p.add_argument("--smoke", action="store_true", help="a tiny version on a real-data subset, 1 epoch")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="re-run these variants and replace their rows in --out")
     args = p.parse_args(argv)
@@ -214,8 +213,7 @@ def main(argv=None) -> int:
     print(options.describe())
     t0 = time.time()
     try:
-        smoke = config.smoke_mode() if args.smoke is None else args.smoke     # an entry point: reads SMOKE_TEST
-        result = run_study(load_cifar10(), options, smoke=smoke, only=args.only, study=args.study)
+        result = run_study(load_cifar10(), options, smoke=args.smoke, only=args.only, study=args.study)
     except CourseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
