@@ -49,35 +49,37 @@ def endless(loader, device):
 def data_cases(args, data, device):
     """(kind, row, column, fn, images per call, fields) of each data pipeline."""
     tf, b = augment.train_transforms(data.mean, data.std), args.data_batch
+    n = len(data.train_images) // b * b               # whole batches only, as DeviceLoader's drop_last
     for w in args.workers:
-        loader = make_loader(data.train_images, data.train_labels, tf, batch_size=b, shuffle=True, workers=w,
-                             seed=0, drop_last=True)
+        loader = make_loader(data.train_images[:n], data.train_labels[:n], tf, batch_size=b, shuffle=True,
+                             workers=w, seed=0)
         yield "data", f"albumentations, {w} workers", f"batch {b}", endless(loader, device), b, {"workers": w}
-    loader = DeviceLoader(data.train_images, data.train_labels, b, data.mean, data.std, device, drop_last=True)
+    loader = DeviceLoader(data.train_images[:n], data.train_labels[:n], b, stats=(data.mean, data.std), device=device)
     yield "data", "DeviceLoader + BatchAugment", f"batch {b}", endless(loader, device), b, {}
 
 
 def model_cases(args, data, device, kind):
     """The train (or eval) step of each model, precision and layout, on one real batch."""
     b = args.train_batch if kind == "train" else args.eval_batch
-    x, y = next(iter(DeviceLoader(data.train_images[:b], data.train_labels[:b], b, data.mean, data.std,
-                                  device, "seed001" if kind == "train" else "none")))
+    x, y = next(iter(DeviceLoader(data.train_images[:b], data.train_labels[:b], b, stats=(data.mean, data.std),
+                                  device=device, augment="seed001" if kind == "train" else "none")))
     for name, precision, layout in itertools.product(args.models, args.precisions, args.layouts):
         r, cl, amp = recipe(name, smoke=False), layout == "channels_last", "bf16" if precision == "bf16" else None
         torch.manual_seed(0)
         model = get_model(name, dropout=r.dropout).to(device)
         model = model.to(memory_format=torch.channels_last) if cl else model
         if kind == "train":
-            opt = optim.optimizer_for(r, model.parameters())
+            optimizer = optim.optimizer_for(r, model.parameters())
             loss = torch.nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
             run = hardware.RunOptions(str(device), amp=amp, channels_last=cl, progress=False)
-            fn = lambda m=model, o=opt, lf=loss, ro=run: loop.train_one_epoch(m, [(x, y)], o, loss_fn=lf, options=ro)
+            fn = lambda m=model, o=optimizer, lf=loss, ro=run: loop.train_one_epoch(m, [(x, y)], o, loss_fn=lf,
+                                                                              options=ro)
         else:
             fn = lambda m=model, a=amp, c=cl: loop.evaluate(m, [(x, y)], amp=a, channels_last=c, progress=False)
         yield kind, f"{name} {layout}", precision, fn, b, {"model": name, "precision": precision, "layout": layout}
 
 
-def measure(args, case, threads: int, device, base: dict):
+def measure(args, case, threads: int, *, device, base: dict):
     """Time one case and emit its JSON line; returns the Measurement (None on an error)."""
     kind, row, column, fn, images, fields = case
     rec = {"kind": kind, "name": row, "setting": column, "threads": threads, "batch_size": images, **fields}
@@ -149,7 +151,7 @@ def main(argv=None) -> list:
         cases = itertools.chain([] if "data" in args.skip else data_cases(args, data, device),
                                 *(model_cases(args, data, device, k) for k in ("train", "eval") if k not in args.skip))
         # one case at a time: a finished case's loader (and its worker processes) ends with it
-        measurements += [m for case in cases if (m := measure(args, case, threads, device, base))]
+        measurements += [m for case in cases if (m := measure(args, case, threads, device=device, base=base))]
     compare = benchmark.Compare(measurements)
     compare.trim_significant_figures()
     compare.print()

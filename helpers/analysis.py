@@ -38,13 +38,14 @@ class Predictions:
         return float(self.correct.mean())
 
 
-def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu", *,
-            batch_size: int = 512, tta_flip: bool = False, tta_shift: int = 0, progress: bool = False) -> Predictions:
-    """Run `model` over uint8 images (normalised with mean/std) and collect everything per image."""
+def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, stats: tuple, batch_size: int = 512,
+            tta_flip: bool = False, tta_shift: int = 0, progress: bool = False) -> Predictions:
+    """Run `model`, on its own device, over uint8 images normalised with stats = (mean, std), and
+    collect everything per image."""
     from .augment import test_transforms           # albumentations: imported only when used
 
-    loader = make_loader(images, labels, test_transforms(mean, std), batch_size=batch_size)
-    logits, y = predict_logits(model.to(device), loader, tta_flip=tta_flip, tta_shift=tta_shift, progress=progress)
+    loader = make_loader(images, labels, test_transforms(*stats), batch_size=batch_size)
+    logits, y = predict_logits(model, loader, tta_flip=tta_flip, tta_shift=tta_shift, progress=progress)
     losses = F.cross_entropy(logits, y, reduction="none")
     probs = logits.softmax(1)
     return Predictions(logits.numpy(), y.numpy(), probs.numpy(), logits.argmax(1).numpy(), losses.numpy())
@@ -99,18 +100,19 @@ def cam_layer(model: nn.Module) -> nn.Module:
     raise TypeError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, images: np.ndarray, classes, mean, std, device="cpu", *,
+def grad_cam(model: nn.Module, images: np.ndarray, classes, *, stats: tuple,
              layer: nn.Module | None = None) -> np.ndarray:
-    """Grad-CAM heatmaps (N, 32, 32) in 0..1: for each uint8 image, the evidence in `layer`
-    (default: cam_layer(model)) for the class given in `classes`, per pixel (pytorch_grad_cam)."""
+    """Grad-CAM heatmaps (N, 32, 32) in 0..1: for each uint8 image, normalised with stats =
+    (mean, std), the evidence in `layer` (default: cam_layer(model)) for the class given in
+    `classes`, per pixel (pytorch_grad_cam), on the model's device."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from .augment import test_transforms
 
-    x = torch.stack([torch.as_tensor(test_transforms(mean, std)(image=np.ascontiguousarray(im))["image"])
-                     for im in images]).to(device)
-    model = model.to(device).eval()
+    x = torch.stack([torch.as_tensor(test_transforms(*stats)(image=np.ascontiguousarray(im))["image"])
+                     for im in images]).to(next(model.parameters()).device)
+    model = model.eval()
     with GradCAM(model=model, target_layers=[layer or cam_layer(model)]) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
 

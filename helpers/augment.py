@@ -58,7 +58,7 @@ def mean_fill(mean) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------
 # albumentations pipelines (2.x argument names: wrong names are only warned about)
 # ----------------------------------------------------------------------------------------
-def train_transforms(mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
+def train_transforms(mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
                      cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
                      cutout_pad: int = CUTOUT_PAD) -> A.Compose:
     """Seed 001's training pipeline; returns a CHW float tensor."""
@@ -96,7 +96,7 @@ def test_transforms(mean, std) -> A.Compose:
 test_transforms.__test__ = False  # a pipeline for the test split, not a pytest test
 
 
-def seed004_transforms(mean, std, flip_p: float = FLIP_P, shift: float = SHIFT,
+def seed004_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIFT,
                        rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
     """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
 
@@ -159,12 +159,12 @@ def seed_pipeline(transform: A.Compose, seed: int) -> None:
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def augment_images(transform: A.Compose, images, mean, std, seed: int = 0) -> np.ndarray:
-    """Run a pipeline (ending in Normalize + ToTensorV2) over uint8 HWC images, reproducibly,
-    and return the results as uint8 HWC images for display."""
+def augment_images(transform: A.Compose, images, *, stats: tuple, seed: int = 0) -> np.ndarray:
+    """Run a pipeline (ending in Normalize + ToTensorV2 with stats = (mean, std)) over uint8 HWC
+    images, reproducibly, and return the results as uint8 HWC images for display."""
     seed_pipeline(transform, seed)
     out = [transform(image=np.ascontiguousarray(img))["image"] for img in images]
-    return denormalize(torch.stack([torch.as_tensor(x) for x in out]), mean, std)
+    return denormalize(torch.stack([torch.as_tensor(x) for x in out]), *stats)
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,10 +182,11 @@ class BatchAugment:
     feed identical parameters to both implementations.
     """
 
-    def __init__(self, mean, std, crop_p: float = CROP_P, flip_p: float = FLIP_P,
+    def __init__(self, mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
                  cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
                  cutout_pad: int = CUTOUT_PAD):
-        train_transforms(mean, std, crop_p, flip_p, cutout_p, pad, hole, cutout_pad)  # same validation
+        train_transforms(mean, std, crop_p=crop_p, flip_p=flip_p, cutout_p=cutout_p, pad=pad, hole=hole,
+                         cutout_pad=cutout_pad)                                  # the same validation
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_p, self.flip_p, self.cutout_p, self.pad, self.hole = crop_p, flip_p, cutout_p, pad, hole
         self.cutout_pad = cutout_pad

@@ -170,7 +170,7 @@ def inference_settings(ckpt: dict) -> tuple[dict, tuple | None]:
     return {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0)}, stats
 
 
-def export_fp16(path, out, rank: int | None = None, svds: dict | None = None, **record) -> Path:
+def export_fp16(path, out, *, rank: int | None = None, svds: dict | None = None, **record) -> Path:
     """A small inference copy of the checkpoint at `path`: fp16 weights, the architecture and
     EXPORT_KEYS (mean/std, recipe, metrics, ...), plus `record` (e.g. the commit and the data
     source of the measured accuracy; it wins over a kept key of the same name). It loads with

@@ -350,7 +350,7 @@ def cmd_test(args) -> int:
     _say(f"model: {args.model} ({ckpt['arch']}{recipe}) on {device}" + _tta_text(tta)
          + ("; normalised with its mean/std" if stats else "; normalised with the data's (the checkpoint has none)"),
          f"data: {data.source}: {len(data.test_labels):,} test images" + (" [smoke]" if args.smoke else ""))
-    pred = analysis.predict(model, data.test_images, data.test_labels, *(stats or (data.mean, data.std)), device,
+    pred = analysis.predict(model, data.test_images, data.test_labels, stats=stats or (data.mean, data.std),
                             batch_size=args.batch, progress=True, **tta)
     cm = analysis.confusion_matrix(pred.labels, pred.preds, len(data.classes))
     _say(f"test accuracy: {pred.accuracy:.4f} ({int(pred.correct.sum()):,}/{len(pred.labels):,} correct)",
@@ -366,7 +366,7 @@ def cmd_test(args) -> int:
     if args.grid:
         idx = np.sort(np.random.default_rng(0).choice(len(pred.labels), min(args.grid, len(pred.labels)), False))
         _save("predictions", out / f"{stem}_predictions.png",
-              plots.prediction_grid(data.test_images[idx], pred.labels[idx], pred.preds[idx], data.classes))
+              plots.prediction_grid(data.test_images[idx], pred.labels[idx], pred.preds[idx], classes=data.classes))
     return 0
 
 
@@ -380,13 +380,12 @@ def cmd_predict(args) -> int:
         (config.DEFAULT_CHECKPOINT_DIR / "resnet9.pt", config.SHIPPED_MODEL),
         "train one with `python -m helpers train --serialize` or pass --model PATH")
     plot = writable_dir(Path(args.plot).expanduser().parent, "--plot") / Path(args.plot).name if args.plot else None
-    model, ckpt = checkpoint.load_model(model_path, device := hardware.get_device(args.device))
+    model, ckpt = checkpoint.load_model(model_path, hardware.get_device(args.device))
     tta, stats = checkpoint.inference_settings(ckpt)
     if stats is None:
         _say(f"note: {model_path} records no mean/std: using CIFAR-10's standard ones", file=sys.stderr)
     classes, unknown = tuple(ckpt.get("classes") or data.CLASSES), np.zeros(len(images), dtype=np.int64)  # no labels
-    probs = analysis.predict(model, images, unknown, *(stats or (own.CIFAR10_MEAN, own.CIFAR10_STD)), device,
-                             **tta).probs
+    probs = analysis.predict(model, images, unknown, stats=stats or (own.CIFAR10_MEAN, own.CIFAR10_STD), **tta).probs
     _say(f"model: {model_path} ({ckpt['arch']})")
     width = max(len(c) for c in classes)
     for name, pr in zip(args.images, probs):

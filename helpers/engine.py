@@ -1,7 +1,7 @@
 """Training engine: `fit` runs helpers.loop's `train_one_epoch` epoch after epoch and
 evaluates after each; `train` runs a whole recipe from helpers.config.
 
-    history = fit(model, train_loader, eval_loader, optimizer, epochs, scheduler)
+    history = fit(model, train_loader, eval_loader, optimizer=optimizer, epochs=epochs, scheduler=scheduler)
     history["test_acc"][-1], history["lr"]        # per-epoch metrics, the LR at every step
 
 Around the loop, each on its own: early stopping (seed 004), checkpoints with exact resume,
@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def new_history() -> dict:
 
 @dataclass
 class FitOptions:
-    """What fit does around the loop besides training: all off by default."""
+    """What fit does around the loop, and the loss it trains: off, and cross-entropy, by default."""
 
     early_stopping: int | EarlyStopping | None = None   # patience in epochs; restores the best
     checkpoint_path: str | os.PathLike | None = None     # the whole state, after every epoch
@@ -57,41 +58,43 @@ class FitOptions:
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
     eval_name: str = "test"          # what eval_loader holds, for the log ("val": a validation split)
+    loss_fn: nn.Module | None = None     # the training and evaluation loss (None: cross-entropy)
+    log: Callable[[str], object] = print  # where the per-epoch lines go
 
 
-def fit(model: nn.Module, train_loader, eval_loader, optimizer, epochs: int, scheduler=None, *,
-        loss_fn=None, options: RunOptions | None = None, extras: FitOptions | None = None, log=print) -> dict:
+def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, scheduler=None,
+        options: RunOptions | None = None, extras: FitOptions | None = None) -> dict:
     """Train for `epochs`, evaluating on `eval_loader` (the test set or a validation split) after
     each; returns the history (see new_history; with early stopping also "best_epoch").
     `options`: how to run (RunOptions); the loaders are used as given. `extras`: what else to do
-    (FitOptions: early stopping, a checkpoint after every epoch, resume). A NaN or infinite loss
-    raises DivergenceError and leaves the last checkpoint as it was."""
+    (FitOptions: the loss, early stopping, a checkpoint after every epoch, resume, the log). A
+    NaN or infinite loss raises DivergenceError and leaves the last checkpoint as it was."""
     require_whole("epochs", epochs)
-    opt, ext = options or RunOptions(), extras or FitOptions()
-    device = get_device(opt.device)
-    if opt.amp == "fp16" and device.type == "cpu":              # the command line refuses it outright
+    options, extras = options or RunOptions(), extras or FitOptions()
+    device = get_device(options.device)
+    if options.amp == "fp16" and device.type == "cpu":              # the command line refuses it outright
         warnings.warn(FP16_ON_CPU, stacklevel=2)
-    net, train_net = _place_model(model, device, opt)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    state = TrainingState(model, optimizer, scheduler, grad_scaler(device, opt.amp),
-                          EarlyStopping.make(ext.early_stopping), ext.arch or _arch_name(model),
-                          ext.config or {}, options=opt.recorded())
-    start = 0 if ext.resume is None else state.resume(ext.resume, epochs, log)
+    net, train_net = _place_model(model, device, options)
+    loss_fn = extras.loss_fn or nn.CrossEntropyLoss()
+    state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler,
+                          scaler=grad_scaler(device, options.amp), stopper=EarlyStopping.make(extras.early_stopping),
+                          arch=extras.arch or _arch_name(model), config=extras.config or {},
+                          options=options.recorded())
+    start = 0 if extras.resume is None else state.resume(extras.resume, epochs, extras.log)
 
-    steps, guard = len(train_loader), DivergenceGuard()
+    guard = DivergenceGuard(first_step=start * len(train_loader))   # numbers the steps for its messages
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)        # the epoch's shuffle and augmentation: f(seed, epoch)
-        tr = train_one_epoch(train_net, train_loader, optimizer, scheduler, loss_fn=loss_fn, options=opt,
-                             scaler=state.scaler, first_step=epoch * steps, guard=guard,
-                             desc=f"epoch {epoch + 1}/{epochs}")
+        tr = train_one_epoch(train_net, train_loader, optimizer, scheduler=scheduler, loss_fn=loss_fn, options=options,
+                             scaler=state.scaler, guard=guard)
         # under DDP rank 0 alone evaluates, logs and saves; every rank then acts on its verdict
         verdict = from_rank0(_end_of_epoch(state, net, eval_loader, tr, epoch, epochs, t0=t0, loss_fn=loss_fn,
-                                           options=opt, extras=ext, log=log) if is_main() else None)
+                                           options=options, extras=extras) if is_main() else None)
         if verdict == "stop":
-            if is_main() and opt.progress:
-                log(state.stopper.stop_message(epoch, ext.eval_name))
+            if is_main() and options.progress:
+                extras.log(state.stopper.stop_message(epoch, extras.eval_name))
             break
         if verdict is not None:
             raise DivergenceError(verdict)
@@ -101,7 +104,7 @@ def fit(model: nn.Module, train_loader, eval_loader, optimizer, epochs: int, sch
 
 
 def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, epochs: int, *, t0: float,
-                  loss_fn, options: RunOptions, extras: FitOptions, log) -> str | None:
+                  loss_fn, options: RunOptions, extras: FitOptions) -> str | None:
     """fit's hook after each epoch (rank 0 only): evaluate, record, log and save. Returns "stop"
     when early stopping says so, a message when the weights broke (then nothing is saved), else None."""
     te = evaluate(net, eval_loader, loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last,
@@ -114,7 +117,7 @@ def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, 
     state.record(tr, te, time.perf_counter() - t0)
     stop = state.stopper is not None and state.stopper.step(te["acc"], state.model, epoch)
     if options.progress:
-        log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
+        extras.log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
             f"{extras.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
     if extras.checkpoint_path is not None:
         state.save(extras.checkpoint_path, epoch)
@@ -167,7 +170,7 @@ class EarlyStopping:
 # ----------------------------------------------------------------------------------------
 # Checkpoints and exact resume: everything a run carries from one epoch to the next
 # ----------------------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class TrainingState:
     """What a training checkpoint holds, besides the epoch and the random states."""
 
@@ -280,10 +283,10 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     Returns {"model", "history", "test": {"loss", "acc"}, "recipe", "device"}.
     """
     recipe.validate()
-    opt = options or RunOptions()
+    options = options or RunOptions()
     if resume is not None:
         check_resume(resume, recipe)
-    device = get_device(opt.device)
+    device = get_device(options.device)
     seed_everything(recipe.seed)
     model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
     if isinstance(model, FastNet):               # its first layer is computed, not learned ...
@@ -291,7 +294,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
             init_whitening(model, whitening_images(data, recipe))
         else:                                    # ... unless the recipe says so (the ablation)
             model.learn_first_layer()
-    train_loader, val_loader, test_loader = build_loaders(recipe, data, opt, distributed=is_distributed())
+    train_loader, val_loader, test_loader = build_loaders(recipe, data, options, distributed=is_distributed())
     optimizer = optimizer_for(recipe, model.parameters())
     scheduler = None
     if recipe.schedule == "onecycle":
@@ -299,14 +302,14 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
                               steps_per_epoch=len(train_loader), peak_epoch=recipe.peak_epoch)
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
-                        eval_name="val" if recipe.val_split > 0 else "test")
+                        eval_name="val" if recipe.val_split > 0 else "test",
+                        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), log=log)
     # each epoch's evaluation is a progress signal, without test-time augmentation; the final
     # test below applies the recipe's
-    history = fit(model, train_loader, val_loader, optimizer, recipe.epochs, scheduler,
-                  loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), options=opt, extras=extras,
-                  log=log)
+    history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,
+                  options=options, extras=extras)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
-    test = evaluate(model, test_loader, amp=opt.amp, channels_last=opt.channels_last, tta_flip=recipe.tta_flip,
+    test = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last, tta_flip=recipe.tta_flip,
                     tta_shift=recipe.tta_shift, progress=False) if is_main() else None
     return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}
 

@@ -101,8 +101,7 @@ class SeededLoader(DataLoader):
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, transform=None, *, batch_size: int = 512,
-                shuffle: bool = False, workers: int = 0, seed: int = 0, drop_last: bool = False,
-                distributed: bool = False) -> SeededLoader:
+                shuffle: bool = False, workers: int = 0, seed: int = 0, distributed: bool = False) -> SeededLoader:
     """A SeededLoader over an AugmentedDataset, pinning memory when a CUDA GPU is present.
 
     distributed=True splits the data across the ranks of torch.distributed with a
@@ -116,33 +115,33 @@ def make_loader(images: np.ndarray, labels: np.ndarray, transform=None, *, batch
     rank, sampler = 0, None
     if distributed:
         rank = torch.distributed.get_rank()
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed)
         shuffle = False
     return SeededLoader(ds, seed=seed, rank=rank, batch_size=batch_size, shuffle=shuffle,
-                        sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        drop_last=drop_last)
+                        sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 class DeviceLoader:
     """The fast path: the uint8 training set lives on the device, and every batch is indexed,
     augmented (helpers.augment.BatchAugment) and normalised there, with no worker processes.
 
-    Like SeededLoader, epoch e depends only on (seed, e): call `set_epoch(e)` first.
+    Like SeededLoader, epoch e depends only on (seed, e): call `set_epoch(e)` first. Every
+    epoch is shuffled; the last batch may be short. `stats` = (mean, std) normalises;
+    `shard` = (rank, world_size) gives each DDP process its share, as DistributedSampler does.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean, std,
-                 device, augment: str = "seed001", shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, options: dict | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, stats: tuple, device,
+                 augment: str = "seed001", seed: int = 0, shard: tuple[int, int] = (0, 1)):
         from .augment import batch_augment
 
         require_positive("batch size", batch_size)
-        self.augment = batch_augment(augment, mean, std, **(options or {})) if augment != "none" else None
+        self.augment = batch_augment(augment, *stats) if augment != "none" else None
         self.device = torch.device(device)
         self.images = torch.as_tensor(images).to(self.device)              # uint8, moved once
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size = batch_size
+        self.mean, self.std = tuple(stats[0]), tuple(stats[1])
+        self.seed, (self.rank, self.world_size) = seed, shard
         self.generator = torch.Generator(device=self.device)
         self.set_epoch(0)
 
@@ -157,18 +156,14 @@ class DeviceLoader:
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # same on all ranks
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # the same on all ranks
+        idx = torch.randperm(n, generator=g)
         total = self._per_rank() * self.world_size
         idx = torch.cat([idx, idx[:total - n]])                              # pad, as DistributedSampler
         return idx[self.rank::self.world_size].to(self.device)
 
     def __len__(self) -> int:
-        n = self._per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-self._per_rank() // self.batch_size)
 
     def __iter__(self):
         from .augment import normalize_batch
@@ -202,24 +197,23 @@ def build_loaders(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None 
     there; otherwise an albumentations loader with options.workers processes."""
     from . import augment as aug                   # albumentations: imported only when loaders are built
 
-    opt = options or RunOptions()
+    options = options or RunOptions()
     mean, std = input_stats(recipe, data)
     train_x, train_y = data.train_images, data.train_labels
     val_x, val_y = data.test_images, data.test_labels
     if recipe.val_split > 0:
         train_x, train_y, val_x, val_y = data.split_validation(recipe.val_split, recipe.seed)
-    if opt.fast_augment:                           # batch_augment refuses an augmentation without a twin
-        rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed
-                       else (0, 1))
-        train = DeviceLoader(train_x, train_y, recipe.batch_size, mean, std, get_device(opt.device),
-                             augment=recipe.augment, seed=recipe.seed, rank=rank, world_size=world)
+    if options.fast_augment:                           # batch_augment refuses an augmentation without a twin
+        shard = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        train = DeviceLoader(train_x, train_y, recipe.batch_size, stats=(mean, std), device=get_device(options.device),
+                             augment=recipe.augment, seed=recipe.seed, shard=shard)
     else:
         train = make_loader(train_x, train_y, aug.transforms_for(recipe.augment, mean, std),
-                            batch_size=recipe.batch_size, shuffle=True, workers=opt.workers, seed=recipe.seed,
+                            batch_size=recipe.batch_size, shuffle=True, workers=options.workers, seed=recipe.seed,
                             distributed=distributed)
     test_tf = aug.test_transforms(mean, std)
     test = make_loader(data.test_images, data.test_labels, test_tf, batch_size=recipe.test_batch_size,
-                       workers=opt.workers)
+                       workers=options.workers)
     val = test if recipe.val_split == 0 else make_loader(
-        val_x, val_y, test_tf, batch_size=recipe.test_batch_size, workers=opt.workers)
+        val_x, val_y, test_tf, batch_size=recipe.test_batch_size, workers=options.workers)
     return train, val, test

@@ -4,7 +4,7 @@ needs on the way: batches moved to the device (`to_device`), mixed precision (`a
 grad scaler that is on only for fp16), test-time augmentation, and a divergence guard that
 reads the losses back only once in a while. `helpers.engine.fit` runs these epoch after epoch.
 
-    stats = train_one_epoch(model, loader, optimizer, scheduler)   # {"loss", "acc", "lr": [...]}
+    stats = train_one_epoch(model, loader, optimizer, scheduler=scheduler)   # {"loss", "acc", "lr": [...]}
     evaluate(model, test_loader)                                  # {"loss", "acc"}
 """
 from __future__ import annotations
@@ -50,29 +50,29 @@ def to_device(x: torch.Tensor, device, channels_last: bool = False) -> torch.Ten
 # ----------------------------------------------------------------------------------------
 # One epoch of training
 # ----------------------------------------------------------------------------------------
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, *, loss_fn=None,
+def train_one_epoch(model: nn.Module, loader, optimizer, *, scheduler=None, loss_fn=None,
                     options: RunOptions | None = None, scaler: torch.amp.GradScaler | None = None,
-                    first_step: int = 0, guard: DivergenceGuard | None = None, desc: str = "train") -> dict:
+                    guard: DivergenceGuard | None = None) -> dict:
     """One pass over `loader` on the model's device, stepping the scheduler once per batch.
 
     Returns {"loss", "acc", "lr": [the LR of every step]}. `options` gives the precision,
     memory layout and progress bar; `scaler` carries fp16's loss scale from epoch to epoch
-    (default: grad_scaler for options.amp); `first_step` numbers the steps for the divergence
-    guard, which `fit` keeps for the whole run.
+    (default: grad_scaler for options.amp); `guard`, the divergence guard, counts the steps and
+    is kept by `fit` for the whole run.
     """
-    opt = options or RunOptions()
+    options = options or RunOptions()
     device = next(model.parameters()).device                           # the batches go where the model is
     guard, loss_fn = guard or DivergenceGuard(), loss_fn or nn.CrossEntropyLoss()
-    scaler = scaler or grad_scaler(device, opt.amp)
+    scaler = scaler or grad_scaler(device, options.amp)
     model.train()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)    # running sums, kept on
     correct = torch.zeros((), device=device, dtype=torch.int64)         # the device: no sync
     seen, lrs = 0, []
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (opt.progress and is_main()), dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
-        x, y = to_device(x, device, opt.channels_last), y.to(device, non_blocking=True)
+    bar = tqdm(loader, desc="train", leave=False, disable=not (options.progress and is_main()), dynamic_ncols=True)
+    for x, y in bar:
+        x, y = to_device(x, device, options.channels_last), y.to(device, non_blocking=True)
         lr = optimizer.param_groups[0]["lr"]
-        with autocast(device, opt.amp):          # bf16/fp16 where options.amp asks for it
+        with autocast(device, options.amp):          # bf16/fp16 where options.amp asks for it
             out = model(x)
             loss = loss_fn(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler=None, *, loss
         total_loss += loss.detach().double() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        if guard.add(loss, first_step + step, lr, len(y)) and opt.progress:     # the guard read the losses back:
+        if guard.add(loss, lr, len(y)) and options.progress:     # the guard read the losses back:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}",      # showing them costs no extra wait
                             acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.2e}")
     guard.check()                                # the epoch's last losses, before anything is saved
@@ -108,15 +108,18 @@ class DivergenceGuard:
     process reads the worst of all processes' losses, so they stop together.
     """
 
-    def __init__(self, window: int = GUARD_WINDOW, factor: float = DIVERGENCE_FACTOR, floor: float = math.log(10)):
+    def __init__(self, window: int = GUARD_WINDOW, factor: float = DIVERGENCE_FACTOR, floor: float = math.log(10),
+                 first_step: int = 0):
         self.window, self.factor, self.floor = window, factor, floor
+        self.step = first_step                     # the number of the next step added (a resumed run's start)
         self.limit: float | None = None            # factor x max(first loss, floor), set by the first check
         self.pending: list = []                    # (loss tensor, images, step, lr) not yet read back
         self.last_lr: float | None = None
 
-    def add(self, loss: torch.Tensor, step: int, lr: float, images: int = 1) -> bool:
-        """Keep one step's loss; check when a window is full. True when it checked."""
-        self.pending.append((loss.detach(), images, step, lr))
+    def add(self, loss: torch.Tensor, lr: float, images: int = 1) -> bool:
+        """Keep the next step's loss; check when a window is full. True when it checked."""
+        self.pending.append((loss.detach(), images, self.step, lr))
+        self.step += 1
         if len(self.pending) < self.window:
             return False
         self.check()
@@ -201,10 +204,10 @@ def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels
 
 
 def evaluate(model: nn.Module, loader, *, loss_fn=None, amp: str | None = None, channels_last: bool = False,
-             tta_flip: bool = False, tta_shift: int = 0, progress: bool = True, desc: str = "eval") -> dict:
+             tta_flip: bool = False, tta_shift: int = 0, progress: bool = True) -> dict:
     """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy), on the
     model's device."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     logits, labels = predict_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
-                                    tta_shift=tta_shift, progress=progress and is_main(), desc=desc)
+                                    tta_shift=tta_shift, progress=progress and is_main(), desc="eval")
     return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}

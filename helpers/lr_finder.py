@@ -1,5 +1,5 @@
-"""The LR range test (torch-lr-finder), the choice of LR_MAX and LR_MIN, and the small JSON
-file that carries that choice from notebook 03 to notebook 04.
+"""The LR range test (torch-lr-finder's rules, written out), the choice of LR_MAX and LR_MIN,
+and the small JSON file that carries that choice from notebook 03 to notebook 04.
 
     result = range_test(model, train_loader, optimizer)      # model and optimizer restored after
     plots.lr_range_test(result)                              # loss against LR, suggestion marked (helpers.plots)
@@ -8,28 +8,28 @@ file that carries that choice from notebook 03 to notebook 04.
 
 The range test trains for `num_iter` batches while the LR grows geometrically from
 `start_lr` to `end_lr` (it stops early only if the smoothed loss exceeds DIVERGE_TH times its
-lowest value so far). The suggestion is the LR where
-the smoothed loss falls fastest: the steepest descent, as torch-lr-finder's own plot suggests.
+lowest value so far, or at a NaN). The suggestion is the LR where the smoothed loss falls
+fastest: the steepest descent, as torch-lr-finder's own plot suggests. torch-lr-finder itself
+is the reference the tests compare this code with, loss for loss.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
+import copy
 import json
 import math
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import config
 from .errors import ConfigError, require_positive, require_whole
 from .files import save_json
+from .hardware import RunOptions
+from .loop import autocast, to_device
 
 LR_CHOICE_NAME = "lr_choice.json"     # in config.artifacts_dir(): written by notebook 03, read by 04
 SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
@@ -41,12 +41,12 @@ DIVERGE_TH = 5    # ... and the test stops once the loss exceeds 5x its best
 # ----------------------------------------------------------------------------------------
 # The range test
 # ----------------------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class RangeTestResult:
     """What a range test found: the LR and the smoothed training loss at every iteration."""
 
     lrs: list[float]              # geometric, from start_lr towards end_lr
-    losses: list[float]           # exponentially smoothed training loss (torch-lr-finder's history)
+    losses: list[float]           # exponentially smoothed training loss (as torch-lr-finder's history)
     suggestion: float             # the LR of steepest descent of the smoothed loss
     num_iter: int                 # iterations asked for (fewer ran when the loss diverged)
     diverged: bool = False        # True when the test stopped early because the loss exploded
@@ -55,6 +55,7 @@ class RangeTestResult:
     start_lr: float = 1e-7
     end_lr: float = 10.0
     suggestion_index: int = 0     # where the suggestion lies in lrs / losses
+    raw_losses: list[float] = field(default_factory=list)   # each batch's loss, before smoothing
 
 
 def steepest_descent(lrs, losses, skip_start: int = SKIP_START, skip_end: int = SKIP_END):
@@ -110,52 +111,62 @@ def range_test_loader(data, batch_size: int = config.BATCH_SIZE, seed: int = 0):
                        batch_size=batch_size, shuffle=True, seed=seed)
 
 
-def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer, criterion=None, *,
-               device="cpu", start_lr: float = 1e-7, end_lr: float = 10, num_iter: int = config.LR_FINDER_ITERS,
-               progress: bool = True, amp: str | None = None) -> RangeTestResult:
-    """Run torch-lr-finder's range test and restore the model and optimizer afterwards.
+def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer, *, loss_fn=None,
+               start_lr: float = 1e-7, end_lr: float = 10, num_iter: int = config.LR_FINDER_ITERS,
+               options: RunOptions | None = None) -> RangeTestResult:
+    """Leslie Smith's LR range test, on the model's device; the model and optimizer are restored after.
 
-    The optimizer must be fresh: torch-lr-finder refuses one a scheduler has touched, so create
-    the range test's optimizer before any scheduler (e.g. helpers.optim.one_cycle).
-    The weights, BatchNorm statistics and optimizer state are exactly as before the call.
-    amp="bf16" runs the forward passes under bf16 autocast, as training will (twice as fast
-    on a CPU with AVX-512 BF16); anything else runs in fp32.
+    Step i trains one batch at LR start_lr * (end_lr / start_lr) ** (i / (num_iter - 1)) and
+    records its loss; the smoothed loss is an exponential moving average (each new batch weighted
+    SMOOTH_F). The test stops early when the smoothed loss exceeds DIVERGE_TH times its lowest
+    value so far, or at the first NaN or infinite loss. These are torch-lr-finder's `range_test`
+    rules (step_mode="exp"), and the losses equal its, batch for batch (tests/test_lr_finder.py).
+    `options` gives the progress bar and the precision: bf16 autocast for amp="bf16", as
+    training will run; fp32 otherwise (fp16 would need a loss scale).
     """
     _check_ordered("start_lr", start_lr, "end_lr", end_lr, ": swap them")
     require_whole("num_iter", num_iter, minimum=2)
-    if any("initial_lr" in g for g in optimizer.param_groups):
-        raise ConfigError("this optimizer already has an LR scheduler attached: create a fresh optimizer "
-                          "for the range test, before any scheduler touches it")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # tqdm.autonotebook warns on import inside Jupyter
-        from torch_lr_finder import LRFinder
-        from torch_lr_finder import lr_finder as tlf
-    from tqdm import tqdm
-
-    finder = LRFinder(model, optimizer, criterion or nn.CrossEntropyLoss(), device=str(device))
-    bar = functools.partial(tqdm, desc="LR range test", leave=False, disable=not progress,
-                            file=sys.stderr, dynamic_ncols=True)
-    original_bar = tlf.tqdm
+    options = options or RunOptions()
+    device, loss_fn = next(model.parameters()).device, loss_fn or nn.CrossEntropyLoss()
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    batches, lrs, raw, smoothed = _endless(train_loader), [], [], []
     try:
-        tlf.tqdm = bar                                  # our progress bar, not autonotebook's
-        precision = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp == "bf16"
-                     else contextlib.nullcontext())
-        with precision, contextlib.redirect_stdout(io.StringIO()):  # its "see the graph" hint
-            finder.range_test(train_loader, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
-                              step_mode="exp", smooth_f=SMOOTH_F, diverge_th=DIVERGE_TH)
+        model.train()
+        for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not options.progress,
+                      dynamic_ncols=True):
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next(batches)
+            x, y = to_device(x, device, options.channels_last), y.to(device)
+            with autocast(device, "bf16" if options.amp == "bf16" else None):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):                 # NaN never trips the divergence rule
+                break
+            lrs.append(lr)
+            raw.append(value)
+            smoothed.append(value if i == 0 else SMOOTH_F * value + (1 - SMOOTH_F) * smoothed[-1])
+            if smoothed[-1] > DIVERGE_TH * min(smoothed):
+                break
     finally:
-        tlf.tqdm = original_bar
-        finder.reset()                                  # the model and optimizer as they were
-    lrs = [float(v) for v in finder.history["lr"]]
-    losses = [float(v) for v in finder.history["loss"]]
-    diverged = len(losses) < num_iter
-    finite = [math.isfinite(v) for v in losses]
-    if not all(finite):                                 # NaN never trips the divergence check
-        keep = finite.index(False)
-        lrs, losses, diverged = lrs[:keep], losses[:keep], True
-    suggestion, index, skip_start, skip_end = steepest_descent(lrs, losses)
-    return RangeTestResult(lrs, losses, suggestion, num_iter, diverged, skip_start, skip_end,
-                           float(start_lr), float(end_lr), index)
+        model.load_state_dict(saved[0])                  # the weights and BN statistics as they were
+        optimizer.load_state_dict(saved[1])              # ... and the optimizer's state and LR
+    if len(lrs) < 2:
+        raise ConfigError(f"the range test diverged at once (LR {start_lr:g}): lower start_lr")
+    suggestion, index, skip_start, skip_end = steepest_descent(lrs, smoothed)
+    return RangeTestResult(lrs=lrs, losses=smoothed, raw_losses=raw, suggestion=suggestion, suggestion_index=index,
+                           num_iter=num_iter, diverged=len(lrs) < num_iter, skip_start=skip_start, skip_end=skip_end,
+                           start_lr=float(start_lr), end_lr=float(end_lr))
+
+
+def _endless(loader):
+    """The loader's batches, starting over whenever it runs out (a short loader, a long test)."""
+    while True:
+        yield from loader
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,7 +246,7 @@ def load_lr_choice(path) -> dict:
 # ----------------------------------------------------------------------------------------
 # The planned OneCycle schedule (seed 001), computed with the training engine's own scheduler
 # ----------------------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class SchedulePlan:
     """The LR at every optimizer step of a OneCycle run, and the numbers that describe it."""
 
@@ -290,8 +301,9 @@ def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()      # no gradients: changes nothing, but keeps the scheduler's order check quiet
         scheduler.step()
-    return SchedulePlan(lrs, train_size, batch_size, epochs, peak_epoch, steps_per_epoch, len(lrs),
-                        int(np.argmax(lrs)), float(lr_max), float(lr_min))
+    return SchedulePlan(lrs=lrs, train_size=train_size, batch_size=batch_size, epochs=epochs, peak_epoch=peak_epoch,
+                        steps_per_epoch=steps_per_epoch, total_steps=len(lrs), peak_step=int(np.argmax(lrs)),
+                        lr_max=float(lr_max), lr_min=float(lr_min))
 
 
 __all__ = ["lr_choice_file", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",

@@ -301,7 +301,7 @@ def init_whitening(model: FastNet, images: torch.Tensor, eps: float = WHITEN_EPS
 MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN, "fast": FastNet}
 
 
-def get_model(name: str, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0,
+def get_model(name: str, *, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0,
               rank: int | None = None) -> nn.Module:
     """A fresh model by name: 'resnet9', 'vgg', 'compact' or 'fast'. `dropout` (seed 001) and
     `logit_scale` (Page) are ResNet-9's options; `rank` (1 to 4095) makes vgg's two 4096x4096

@@ -58,7 +58,7 @@ def save_figure(fig, path) -> Path:
     return path
 
 
-def image_grid(images, titles=None, ncols: int = 8, title: str | None = None, title_colors=None,
+def image_grid(images, titles=None, *, ncols: int = 8, title: str | None = None, title_colors=None,
                size: float = 1.4):
     """Show uint8 HWC images in a grid with optional per-image titles (and title colours)."""
     n = len(images)
@@ -80,7 +80,7 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None, ti
     return fig
 
 
-def class_examples(images, labels, classes, per_class: int = 8, seed: int = 0):
+def class_examples(images, labels, classes, *, per_class: int = 8, seed: int = 0):
     """A row of random examples for every class, labelled on the left."""
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.1))
@@ -231,14 +231,14 @@ def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusi
     return fig
 
 
-def prediction_grid(images, labels, preds, classes, ncols: int = 8, title: str | None = None):
+def prediction_grid(images, labels, preds, *, classes, ncols: int = 8, title: str | None = None):
     """Seed 003's picture: each image titled with its prediction, green if right, red if wrong."""
     labels, preds = np.asarray(labels), np.asarray(preds)
     titles = [f"{classes[p]}" + ("" if p == t else f"\n(true: {classes[t]})") for t, p in zip(labels, preds)]
     colors = ["green" if p == t else "red" for t, p in zip(labels, preds)]
     n_ok = int((labels == preds).sum())
-    return image_grid(images, titles, ncols, title or f"Predictions: {n_ok}/{len(labels)} correct "
-                      "(green right, red wrong)", colors, size=1.6)
+    return image_grid(images, titles, ncols=ncols, title=title or f"Predictions: {n_ok}/{len(labels)} correct "
+                      "(green right, red wrong)", title_colors=colors, size=1.6)
 
 
 def misclassified_title(true_name: str, pred_name: str, p_true: float, p_pred: float) -> str:
@@ -246,16 +246,16 @@ def misclassified_title(true_name: str, pred_name: str, p_true: float, p_pred: f
     return f"pred: {pred_name} ({format_probability(p_pred)})\ntrue: {true_name} ({format_probability(p_true)})"
 
 
-def misclassified(images, labels, preds, probs, classes, ncols: int = 5, title: str | None = None):
+def misclassified(images, labels, preds, *, probs, classes, ncols: int = 5, title: str | None = None):
     """Wrong predictions: the predicted class with its probability, and the true class with
     the probability the model gave it (low p(true) = confidently wrong = high loss), both as
     format_probability writes them (tiny ones in scientific notation, never a bare 0.00)."""
     titles = [misclassified_title(classes[t], classes[p], pr[t], pr[p]) for t, p, pr in zip(labels, preds, probs)]
-    return image_grid(images, titles, ncols, title or "Misclassified images, highest loss first",
-                      ["red"] * len(labels), size=1.9)
+    return image_grid(images, titles, ncols=ncols, title=title or "Misclassified images, highest loss first",
+                      title_colors=["red"] * len(labels), size=1.9)
 
 
-def probability_bars(images, probs, classes, labels=None, top: int | None = None, values: bool = True):
+def probability_bars(images, probs, classes, *, labels=None, top: int | None = None, values: bool = True):
     """Seed 004's picture: each image beside a bar chart of its class probabilities, with
     (values=True) each probability of 0.5 % or more written beside its bar."""
     n = len(images)
@@ -288,7 +288,7 @@ def probability_bars(images, probs, classes, labels=None, top: int | None = None
     return fig
 
 
-def grad_cam_pairs(images, cam_pred, cam_true, labels, preds, classes, alpha: float = 0.5):
+def grad_cam_pairs(images, cam_pred, cam_true, *, labels, preds, classes, alpha: float = 0.5):
     """One row per image: the image, where the model looked for its (wrong) prediction, and
     where it looked for the true class (Grad-CAM heatmaps over the image)."""
     n = len(images)
@@ -306,7 +306,7 @@ def grad_cam_pairs(images, cam_pred, cam_true, labels, preds, classes, alpha: fl
     return fig
 
 
-def pad_crop(images, crop_yx, pad: int, title: str | None = None, size: float = 1.7):
+def pad_crop(images, crop_yx, *, pad: int, title: str | None = None, size: float = 1.7):
     """Seed 001's pad-and-crop made visible, one column per image: on top the image
     reflect-padded to (32 + 2*pad) pixels, with its original place (dashed white box) and the
     random 32x32 crop window (yellow box); below, the crop, i.e. what the network sees, with
@@ -343,7 +343,7 @@ def pad_crop(images, crop_yx, pad: int, title: str | None = None, size: float = 
     return fig
 
 
-def cutout_geometry(image, crop_yx, hole_yx, pad: int, cutout_pad: int, hole: int, fill=None):
+def cutout_geometry(image, crop_yx, hole_yx, *, pad: int, cutout_pad: int, hole: int, fill=None):
     """Seed 001's two paddings on one image: the 40x40 reflect-padded frame with the random
     32x32 crop box, then the crop padded to 48x48 with the 8x8 hole (filled with `fill`, the
     pipeline's mean pixel, augment.mean_fill(mean), when given; outlined in red) and the centre
@@ -391,14 +391,14 @@ def study(rows, title: str = "Seed 001's overfitting study"):
     return fig
 
 
-def whitening_filters(weights, eigenvalues, title: str = "Whitening filters (2x2 RGB), largest eigenvalue first"):
+def whitening_filters(weights, eigenvalues, title: str = "Whitening filters: 2x2 RGB weights (grey = 0), "
+                      "each titled with its eigenvalue λ, the patches' variance along it"):
     """The fast net's whitening filters, each (3, 2, 2) shown as a 2x2 colour patch (scaled
-    to 0..1 on its own, grey = 0), titled with its eigenvalue."""
+    to 0..1 on its own, grey = 0), titled "λ = " its eigenvalue, largest first."""
     w = np.asarray(weights, dtype=np.float64)
     scale = np.abs(w).reshape(len(w), -1).max(1)[:, None, None, None]
     patches = (0.5 + 0.5 * w / np.where(scale > 0, scale, 1)).transpose(0, 2, 3, 1)   # N, 2, 2, 3
-    fig = image_grid(patches, [f"{float(v):.2g}" for v in eigenvalues], ncols=len(w), title=title, size=0.9)
-    return fig
+    return image_grid(patches, [f"λ = {float(v):.2g}" for v in eigenvalues], ncols=len(w), title=title, size=1.1)
 
 
 def close(fig) -> None:

@@ -77,7 +77,7 @@ def matmul_rate(n: int = 2048, dtype=torch.bfloat16, device="cpu", min_run_time:
     return 2 * n ** 3 / timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tensor, labels: torch.Tensor, *,
+def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.Tensor, labels: torch.Tensor,
                min_run_time: float = 5.0) -> float:
     """Training images per second: one real train step (forward, loss, backward, optimizer)
     on the given normalised batch, with the recipe's optimizer and the options' precision and
@@ -88,13 +88,13 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, images: torch.Tens
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     x, y = to_device(images, device, options.channels_last), labels.to(device)
-    opt = optimizer_for(recipe, model.parameters())
+    optimizer = optimizer_for(recipe, model.parameters())
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     quiet = RunOptions(str(device), options.amp, options.channels_last, progress=False)
     scaler = grad_scaler(device, options.amp)       # one for every step, as in training (fp16 only)
 
     def step():
-        train_one_epoch(model, [(x, y)], opt, loss_fn=loss_fn, options=quiet, scaler=scaler)
+        train_one_epoch(model, [(x, y)], optimizer, loss_fn=loss_fn, options=quiet, scaler=scaler)
 
     step()                                                                 # warm up (oneDNN picks kernels)
     timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())

@@ -24,11 +24,11 @@ def test_grad_cam_gives_one_normalised_map_per_image_and_class(name):
     torch.manual_seed(0)
     model = get_model(name).eval()
     images, _ = square_images()
-    cams = analysis.grad_cam(model, images, [0, 3, 5, 9], MEAN, STD)
+    cams = analysis.grad_cam(model, images, [0, 3, 5, 9], stats=(MEAN, STD))
     assert cams.shape == (4, 32, 32)
     assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
     # evidence for different classes differs (the gradient of each class's logit is its own)
-    other = analysis.grad_cam(model, images, [1, 1, 1, 1], MEAN, STD)
+    other = analysis.grad_cam(model, images, [1, 1, 1, 1], stats=(MEAN, STD))
     assert not np.allclose(cams, other)
 
 
@@ -50,7 +50,7 @@ def test_grad_cam_lights_up_the_evidence_the_model_uses():
 
     images, corners = square_images(3)
     model = BrightnessProbe()
-    cams = analysis.grad_cam(model, images, [1, 1, 1], MEAN, STD, layer=model.features)
+    cams = analysis.grad_cam(model, images, [1, 1, 1], stats=(MEAN, STD), layer=model.features)
     for cam, (y, x) in zip(cams, corners):
         inside = np.zeros((32, 32), bool)
         inside[y:y + 8, x:x + 8] = True
@@ -90,8 +90,8 @@ def test_study_and_grad_cam_figures_draw():
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b"]
     plots.close(fig)
     images, _ = square_images(2)
-    fig = plots.grad_cam_pairs(images, np.zeros((2, 32, 32)), np.ones((2, 32, 32)), [0, 1], [1, 0],
-                               [f"c{i}" for i in range(10)])
+    fig = plots.grad_cam_pairs(images, np.zeros((2, 32, 32)), np.ones((2, 32, 32)), labels=[0, 1], preds=[1, 0],
+                               classes=[f"c{i}" for i in range(10)])
     assert len(fig.axes) == 6 and fig.axes[1].get_title() == "for pred: c1"
     plots.close(fig)
 
@@ -103,7 +103,7 @@ def test_predict_collects_logits_probabilities_and_per_image_losses():
     model = get_model("compact").eval()
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 24)
-    pred = analysis.predict(model, images, labels, MEAN, STD, batch_size=10)    # 3 batches, the last partial
+    pred = analysis.predict(model, images, labels, stats=(MEAN, STD), batch_size=10)    # 3 batches, the last partial
     logits = torch.from_numpy(pred.logits)
     assert pred.logits.shape == (24, 10) and np.array_equal(pred.labels, labels)
     assert np.allclose(pred.probs, torch.softmax(logits, 1).numpy(), atol=1e-6)

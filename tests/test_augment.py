@@ -202,9 +202,9 @@ def test_augment_images_is_reproducible_and_transforms_draw_independently():
     img = dark_image()
     tf = aug.train_transforms(MEAN, STD, crop_p=0.5, flip_p=0.5, cutout_p=0.0)
     batch = np.repeat(img[None], 200, axis=0)
-    a = aug.augment_images(tf, batch, MEAN, STD, seed=1)
-    assert np.array_equal(a, aug.augment_images(tf, batch, MEAN, STD, seed=1))
-    assert not np.array_equal(a, aug.augment_images(tf, batch, MEAN, STD, seed=2))
+    a = aug.augment_images(tf, batch, stats=(MEAN, STD), seed=1)
+    assert np.array_equal(a, aug.augment_images(tf, batch, stats=(MEAN, STD), seed=1))
+    assert not np.array_equal(a, aug.augment_images(tf, batch, stats=(MEAN, STD), seed=2))
     # one shared stream: crop and flip decisions are independent, so all four combinations
     # occur (with Compose.set_random_seed both would draw the same numbers: cropped iff flipped)
     padded = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")

@@ -185,7 +185,7 @@ def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, tmp
         head = proc.stdout.splitlines()[0]
         assert (f", TTA: {label};" in head) if label else ("TTA" not in head), head
         acc = float(printed(r"^test accuracy: (\d\.\d{4})", proc.stdout))
-        want = predict(model, sub.test_images, sub.test_labels, ckpt["mean"], ckpt["std"],
+        want = predict(model, sub.test_images, sub.test_labels, stats=(ckpt["mean"], ckpt["std"]),
                        tta_flip=keywords[0], tta_shift=keywords[1]).accuracy
         assert acc == pytest.approx(want, abs=2 / 500)        # the same views, evaluated in-process
 

@@ -95,7 +95,7 @@ def test_a_small_model_overfits_256_images(small_data):
     model = get_model("compact")
     train, test = loaders(small_data)
     opt = optim.make_optimizer("adam", model.parameters(), 2e-3)
-    history = engine.fit(model, train, test, opt, 25, options=QUIET)
+    history = engine.fit(model, train, test, optimizer=opt, epochs=25, options=QUIET)
     eval_train = make_loader(small_data.train_images[:256], small_data.train_labels[:256],
                              test_transforms(small_data.mean, small_data.std), batch_size=256)
     acc = loop.evaluate(model, eval_train, progress=False)["acc"]
@@ -132,7 +132,7 @@ def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
         model = get_model("compact")
         opt = optim.make_optimizer("adam", model.parameters(), 1e-3)
         path = tmp_path / f"{amp}.pt"
-        engine.fit(model, train, test, opt, 1, options=hardware.RunOptions("cpu", amp, progress=False),
+        engine.fit(model, train, test, optimizer=opt, epochs=1, options=hardware.RunOptions("cpu", amp, progress=False),
                    extras=engine.FitOptions(early_stopping=3, checkpoint_path=path, config={"seed": 0}))
         ckpt = torch.load(path, weights_only=True)
         assert list(ckpt) == ["format", "arch", "model", "optimizer", "scheduler", "scaler", "epoch", "history",
@@ -157,9 +157,9 @@ def test_resume_under_other_speed_settings_says_it_will_not_end_identically(smal
         torch.manual_seed(0)
         model = get_model("compact")
         opt = optim.make_optimizer("adam", model.parameters(), 1e-3)
-        engine.fit(model, train, test, opt, epochs, log=lines.append,
+        engine.fit(model, train, test, optimizer=opt, epochs=epochs,
                    options=hardware.RunOptions("cpu", workers=workers, progress=False),
-                   extras=engine.FitOptions(checkpoint_path=path, resume=resume))
+                   extras=engine.FitOptions(checkpoint_path=path, resume=resume, log=lines.append))
 
     run(1, workers=0)
     run(2, workers=0, resume=path)                       # the same settings: no note
@@ -182,7 +182,7 @@ def test_resumable_accepts_the_same_recipe_and_refuses_another_saying_why(small_
     path, said = tmp_path / "compact_last.pt", []
     assert resumable(path, r, said.append) is None and said == []            # no file yet: nothing to say
     model = get_model("compact")
-    engine.fit(model, train, train, optim.make_optimizer("nadam", model.parameters(), r.lr), 1,
+    engine.fit(model, train, train, optimizer=optim.make_optimizer("nadam", model.parameters(), r.lr), epochs=1,
                options=hardware.RunOptions("cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=path, config=r.to_dict()))
     assert resumable(path, r, said.append) == path
@@ -246,7 +246,7 @@ def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch
     model = get_model("compact")
     train, test = loaders(small_data, n_train=64)
     opt = optim.make_optimizer("nadam", model.parameters(), 2.5e-3)
-    history = engine.fit(model, train, test, opt, 10, options=QUIET,
+    history = engine.fit(model, train, test, optimizer=opt, epochs=10, options=QUIET,
                          extras=engine.FitOptions(early_stopping=2))
     assert len(snapshots) == 4 and history["best_epoch"] == 1
     final = model.state_dict()
@@ -260,7 +260,7 @@ def test_divergence_guard_stops_with_step_and_lr(small_data):
     train, test = loaders(small_data, n_train=128)
     opt = torch.optim.SGD(model.parameters(), lr=1e8)
     with pytest.raises(DivergenceError, match=r"at step \d+ \(LR 1e\+08\).*try a lower one"):
-        engine.fit(model, train, test, opt, 3, options=QUIET)
+        engine.fit(model, train, test, optimizer=opt, epochs=3, options=QUIET)
 
 
 def test_same_seed_gives_the_same_history_with_workers(small_data):
@@ -321,8 +321,8 @@ def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp
     assert small.stat().st_size < 0.55 * full.stat().st_size
     restored, ckpt = load_model(small)
     x = small_data.test_images[:200]
-    a = predict(model, x, small_data.test_labels[:200], ckpt["mean"], ckpt["std"])
-    b = predict(restored, x, small_data.test_labels[:200], ckpt["mean"], ckpt["std"])
+    a = predict(model, x, small_data.test_labels[:200], stats=(ckpt["mean"], ckpt["std"]))
+    b = predict(restored, x, small_data.test_labels[:200], stats=(ckpt["mean"], ckpt["std"]))
     assert np.abs(a.probs - b.probs).max() < 0.02 and (a.preds == b.preds).mean() >= 0.98
 
 
@@ -345,6 +345,6 @@ def test_shipped_model_keeps_its_recorded_accuracy_on_a_stratified_1000_image_te
     assert ckpt["arch"] == arch and ckpt["dtype"] == "float16" and path.stat().st_size <= megabytes * 2**20
     r = ckpt["config"]
     sub = real_data.subset(1, 100)                                  # 100 test images per class
-    acc = predict(model, sub.test_images, sub.test_labels, ckpt["mean"], ckpt["std"],
+    acc = predict(model, sub.test_images, sub.test_labels, stats=(ckpt["mean"], ckpt["std"]),
                   tta_flip=r.get("tta_flip", False), tta_shift=r.get("tta_shift", 0)).accuracy
     assert acc >= least and abs(acc - ckpt["metrics"]["test_acc"]) < 0.03

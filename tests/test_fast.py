@@ -81,7 +81,7 @@ def test_matmul_and_train_rates_are_measured_live():
     model = get_model("fast")
     init_whitening(model, x)
     before = model.fc.weight.clone()
-    r = speed.train_rate(model, config.recipe("fast", smoke=True), hardware.RunOptions("cpu"), x, y, min_run_time=0.2)
+    r = speed.train_rate(model, config.recipe("fast", smoke=True), hardware.RunOptions("cpu"), images=x, labels=y, min_run_time=0.2)
     assert r > 1 and not torch.equal(before, model.fc.weight)     # real steps ran
 
 
@@ -188,7 +188,7 @@ def test_flip_translate_albumentations_pipeline_draws_the_same_shifts(small_data
     recovered here by matching each output against the 50 possible results."""
     tf = aug.transforms_for("flip-translate", small_data.mean, small_data.std)
     images = small_data.train_images[:200]
-    out = aug.augment_images(tf, images, small_data.mean, small_data.std, seed=3)
+    out = aug.augment_images(tf, images, stats=(small_data.mean, small_data.std), seed=3)
     seen, flips, unshifted = set(), 0, 0
     for img, got in zip(images, out):
         matches = [(dy, dx, f) for dy in range(-2, 3) for dx in range(-2, 3) for f in (False, True)
@@ -258,6 +258,6 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
     path = save_checkpoint(tmp_path / "fast.pt", model, "fast", config=r.to_dict())
     loaded, ckpt = load_model(path)
     assert isinstance(loaded, FastNet) and ckpt["config"]["tta_shift"] == 1
-    pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels, small_data.mean,
-                            small_data.std, tta_flip=True, tta_shift=1)
+    pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels,
+                            stats=(small_data.mean, small_data.std), tta_flip=True, tta_shift=1)
     assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers

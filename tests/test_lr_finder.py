@@ -16,8 +16,10 @@ from torch import nn
 
 from helpers import config, lr_finder, plots
 from helpers.errors import ConfigError
+from helpers.hardware import RunOptions
 from helpers.models import get_model
 
+QUIET = RunOptions("cpu", progress=False)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
 
 
@@ -48,7 +50,7 @@ def fresh(seed: int = 0):
 def test_range_test_runs_on_real_images_with_geometric_lrs(tiny_real):
     model, opt = fresh()
     loader = lr_finder.range_test_loader(tiny_real, batch_size=16)
-    r = lr_finder.range_test(model, loader, opt, start_lr=1e-6, end_lr=1.0, num_iter=12, progress=False)
+    r = lr_finder.range_test(model, loader, opt, start_lr=1e-6, end_lr=1.0, num_iter=12, options=QUIET)
     assert 2 <= len(r.lrs) == len(r.losses) <= 12
     assert r.diverged == (len(r.lrs) < 12)
     assert r.lrs[0] == pytest.approx(1e-6)
@@ -72,7 +74,7 @@ def test_model_and_optimizer_are_restored(tiny_real):
     weights, opt_state = state_copy(model), opt.state_dict()
     exp_avg = {k: v["exp_avg"].clone() for k, v in opt_state["state"].items()}
 
-    lr_finder.range_test(model, loader, opt, num_iter=6, progress=False)
+    lr_finder.range_test(model, loader, opt, num_iter=6, options=QUIET)
 
     after = model.state_dict()
     assert after.keys() == weights.keys()
@@ -89,12 +91,36 @@ def test_model_and_optimizer_are_restored(tiny_real):
     one_cycle(opt, 2.54e-3, epochs=2, steps_per_epoch=3, peak_epoch=1)
 
 
-def test_an_optimizer_with_a_scheduler_is_refused(tiny_real):
+def test_the_range_test_equals_torch_lr_finder_loss_for_loss(tiny_real):
+    """The course's plain-code range test and torch-lr-finder's LRFinder (the library it is
+    written after) give the same LRs and smoothed losses on the same batches, the loader
+    running out and starting over included (10 batches of 16 from 80 images, 14 steps)."""
+    from torch_lr_finder import LRFinder
+
     model, opt = fresh()
-    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    loader = lr_finder.range_test_loader(tiny_real, batch_size=16)
-    with pytest.raises(ConfigError, match="already has an LR scheduler"):
-        lr_finder.range_test(model, loader, opt, num_iter=4, progress=False)
+    torch.manual_seed(1)
+    ours = lr_finder.range_test(model, lr_finder.range_test_loader(tiny_real, batch_size=16), opt,
+                                start_lr=1e-5, end_lr=1.0, num_iter=14, options=QUIET)
+    model, opt = fresh()
+    torch.manual_seed(1)
+    finder = LRFinder(model, opt, nn.CrossEntropyLoss(), device="cpu")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        finder.range_test(lr_finder.range_test_loader(tiny_real, batch_size=16), start_lr=1e-5, end_lr=1.0,
+                          num_iter=14, step_mode="exp", smooth_f=lr_finder.SMOOTH_F,
+                          diverge_th=lr_finder.DIVERGE_TH)
+    assert len(ours.lrs) == len(finder.history["lr"]) == 14
+    assert ours.lrs == pytest.approx(finder.history["lr"], rel=1e-12)
+    assert ours.losses == pytest.approx(finder.history["loss"], rel=1e-5)
+    assert ours.raw_losses[0] == ours.losses[0] and ours.raw_losses[1:] != ours.losses[1:]   # smoothed after the first
+
+
+def test_the_range_test_stops_when_the_smoothed_loss_passes_five_times_its_best(tiny_real):
+    model, opt = fresh()
+    r = lr_finder.range_test(model, lr_finder.range_test_loader(tiny_real, batch_size=16), opt,
+                             start_lr=1e-3, end_lr=1e6, num_iter=40, options=QUIET)
+    assert r.diverged and len(r.lrs) < 40
+    assert r.losses[-1] > lr_finder.DIVERGE_TH * min(r.losses)                       # the step that stopped it
+    assert all(v <= lr_finder.DIVERGE_TH * min(r.losses[:i + 1]) for i, v in enumerate(r.losses[:-1]))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -107,7 +133,7 @@ def test_bad_range_test_settings_are_refused(tiny_real, kwargs, match):
     model, opt = fresh()
     loader = lr_finder.range_test_loader(tiny_real, batch_size=16)
     with pytest.raises(ConfigError, match=match):
-        lr_finder.range_test(model, loader, opt, progress=False, **kwargs)
+        lr_finder.range_test(model, loader, opt, options=QUIET, **kwargs)
 
 
 def test_smoke_mode_shrinks_the_test(tiny_real):
@@ -117,7 +143,7 @@ def test_smoke_mode_shrinks_the_test(tiny_real):
     assert lr_finder.default_batch_size(smoke=False) == config.BATCH_SIZE == 512
     model, opt = fresh()
     r = lr_finder.range_test(model, lr_finder.range_test_loader(tiny_real, batch_size=16), opt,
-                             num_iter=lr_finder.default_num_iter(smoke=True), progress=False)
+                             num_iter=lr_finder.default_num_iter(smoke=True), options=QUIET)
     assert r.num_iter == config.SMOKE_LR_FINDER_ITERS
     assert len(r.lrs) <= config.SMOKE_LR_FINDER_ITERS
 

@@ -21,7 +21,7 @@ def test_misclassified_titles_never_round_a_tiny_p_true_to_zero():
     probs = np.full((2, 10), 1e-9)
     probs[0, 3], probs[0, 5] = 0.69, 2.4e-6            # pred c3, true c5
     probs[1, 1], probs[1, 0] = 1.0, 0.0                # pred c1, true c0 underflowed
-    fig = plots.misclassified(np.zeros((2, 32, 32, 3), np.uint8), [5, 0], [3, 1], probs, CLASSES)
+    fig = plots.misclassified(np.zeros((2, 32, 32, 3), np.uint8), [5, 0], [3, 1], probs=probs, classes=CLASSES)
     titles = [ax.get_title() for ax in fig.axes[:2]]
     assert titles == ["pred: c3 (69.0 %)\ntrue: c5 (2.4e-04 %)", "pred: c1 (> 99.9 %)\ntrue: c0 (0 % (underflow))"]
     assert not any("0.00" in t for t in titles)
@@ -93,6 +93,6 @@ def test_class_counts_legend_covers_no_bar():
 
 def test_probability_bars_write_each_visible_probability():
     probs = np.array([[0.55, 0.4, 0.04, 0.01] + [0.0] * 6])
-    fig = plots.probability_bars(np.zeros((1, 32, 32, 3), np.uint8), probs, CLASSES, [1])
+    fig = plots.probability_bars(np.zeros((1, 32, 32, 3), np.uint8), probs, CLASSES, labels=[1])
     assert sorted(t.get_text() for t in fig.axes[1].texts) == ["1.0 %", "4.0 %", "40.0 %", "55.0 %"]
     plots.close(fig)

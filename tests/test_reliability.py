@@ -114,25 +114,25 @@ def test_fp16_on_a_cpu_is_refused_by_the_cli_and_warned_about_by_fit(tmp_path):
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.warns(UserWarning, match="bf16.*fp32"):
-        engine.fit(model, batches, batches, opt, 1, options=hardware.RunOptions(device="cpu", amp="fp16", progress=False))
+        engine.fit(model, batches, batches, optimizer=opt, epochs=1, options=hardware.RunOptions(device="cpu", amp="fp16", progress=False))
 
 
 def test_the_guard_stops_a_finite_blow_up_and_passes_a_noisy_descent():
     guard = loop.DivergenceGuard(window=4)
-    for step, loss in enumerate([2.4, 2.9, 2.1, 1.5, 3.0, 1.2, 0.9, 1.1]):       # noisy, but learning
-        guard.add(torch.tensor(loss), step, 0.1, images=32)
+    for loss in [2.4, 2.9, 2.1, 1.5, 3.0, 1.2, 0.9, 1.1]:                        # noisy, but learning
+        guard.add(torch.tensor(loss), 0.1, images=32)
     guard.check()
-    for step, (loss, images) in enumerate([(0.4, 32), (0.3, 32), (30.0, 1)]):    # one image, badly wrong:
-        guard.add(torch.tensor(loss), 8 + step, 0.1, images)                    # weighted, no alarm
+    for loss, images in [(0.4, 32), (0.3, 32), (30.0, 1)]:                       # one image, badly wrong:
+        guard.add(torch.tensor(loss), 0.1, images)                              # weighted, no alarm
     guard.check()
     guard = loop.DivergenceGuard(window=2)
     with pytest.raises(DivergenceError, match=r"grew to 6\.55e\+03 over steps 2-3 \(LR 0\.5\), past 23"):
-        for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (3100.0, 0.5), (1e4, 0.5)]):
-            guard.add(torch.tensor(loss), step, lr, images=32)
+        for loss, lr in [(2.3, 0.1), (2.0, 0.1), (3100.0, 0.5), (1e4, 0.5)]:
+            guard.add(torch.tensor(loss), lr, images=32)
     guard = loop.DivergenceGuard(window=4)
     with pytest.raises(DivergenceError, match=r"became nan at step 2 \(LR 0\.5, after a step at LR 0\.1\)"):
-        for step, (loss, lr) in enumerate([(2.3, 0.1), (2.0, 0.1), (math.nan, 0.5), (1e9, 0.5)]):
-            guard.add(torch.tensor(loss), step, lr, images=32)
+        for loss, lr in [(2.3, 0.1), (2.0, 0.1), (math.nan, 0.5), (1e9, 0.5)]:
+            guard.add(torch.tensor(loss), lr, images=32)
 
 
 def test_a_real_blow_up_stops_the_run_before_anything_is_saved(tmp_path):
@@ -144,7 +144,7 @@ def test_a_real_blow_up_stops_the_run_before_anything_is_saved(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e4)
     ckpt = tmp_path / "compact_last.pt"
     with pytest.raises(DivergenceError, match="grew to .* the LR is too high"):
-        engine.fit(model, batches, batches[:1], opt, 3, options=hardware.RunOptions(device="cpu", progress=False),
+        engine.fit(model, batches, batches[:1], optimizer=opt, epochs=3, options=hardware.RunOptions(device="cpu", progress=False),
                    extras=engine.FitOptions(checkpoint_path=ckpt, arch="compact"))
     assert not ckpt.exists()
 
@@ -222,7 +222,7 @@ CHILD = textwrap.dedent("""
     model = get_model("fast").learn_first_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     print("ready", flush=True)
-    engine.fit(model, batches, batches[:1], opt, 8, options=hardware.RunOptions(device="cpu", progress=False),
+    engine.fit(model, batches, batches[:1], optimizer=opt, epochs=8, options=hardware.RunOptions(device="cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=ckpt, arch="fast", resume=ckpt if ckpt.exists() else None))
     save_checkpoint(folder / "final.pt", model, "fast")
 """)

@@ -171,7 +171,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sched = LambdaLR(opt, lambda step: 1.0 if step <= steps else 1e9)
     ckpt = tmp_path / "vgg_last.pt"
     with pytest.raises(DivergenceError) as info:
-        engine.fit(model, train_loader, test_loader, opt, 3, sched, options=quiet,
+        engine.fit(model, train_loader, test_loader, optimizer=opt, epochs=3, scheduler=sched, options=quiet,
                    extras=engine.FitOptions(checkpoint_path=ckpt, arch="vgg"))
     message = str(info.value)
     m = re.match(r"loss (?:became \S+ at step |grew to \S+ over steps \d+-)(\d+) \(LR 1e\+06[^)]*\).* the LR is too "
@@ -188,7 +188,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     model2 = get_model("vgg")
     opt2 = torch.optim.SGD(model2.parameters(), lr=1e-3, momentum=0.9)
-    history = engine.fit(model2, train_loader, test_loader, opt2, 2, LambdaLR(opt2, lambda s: 1.0),
+    history = engine.fit(model2, train_loader, test_loader, optimizer=opt2, epochs=2, scheduler=LambdaLR(opt2, lambda s: 1.0),
                          options=quiet, extras=engine.FitOptions(resume=ckpt, arch="vgg"))
     assert len(history["train_loss"]) == 2 and all(map(math.isfinite, history["train_loss"]))
 
@@ -207,7 +207,7 @@ def test_cli_divergence_is_one_line_and_leaves_the_checkpoint_alone(tmp_path):
     model = get_model("vgg")
     opt = optim.make_optimizer("sgd", model.parameters(), 1e-3)
     ckpt = tmp_path / "models" / "vgg_last.pt"
-    engine.fit(model, train, test, opt, 1, options=hardware.RunOptions(device="cpu", progress=False),
+    engine.fit(model, train, test, optimizer=opt, epochs=1, options=hardware.RunOptions(device="cpu", progress=False),
                extras=engine.FitOptions(checkpoint_path=ckpt, config=recipe("vgg", smoke=True).to_dict()))
     before = (sha256(ckpt), os.stat(ckpt).st_mtime_ns)
 
