@@ -215,7 +215,7 @@ def check_resume(path, recipe) -> dict:
     ckpt = load_checkpoint(path)
     if ckpt["arch"] != recipe.model:
         raise CheckpointError(f"cannot resume {path}: it holds a {ckpt['arch']} model, not {recipe.model}; "
-                              f"add --model {ckpt['arch']} (and the run's other settings)")
+                              f"add --arch {ckpt['arch']} (and the run's other settings)")
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         raise CheckpointError(f"{path} holds final weights only, not a training state: resume from "
                               f"{Path(path).parent / (recipe.model + '_last.pt')} or start a new run")

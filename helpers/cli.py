@@ -97,8 +97,8 @@ RECIPE_FLAGS = {
     "seed": (("--seed",), int, "seed of the weights, shuffling and augmentation"),
 }
 TRAIN_DOC = """Train a model on CIFAR-10 with its seed recipe (helpers.config.RECIPES); each recipe flag overrides one
-setting. Writes into --checkpoints <model>_last.pt every epoch (for --resume), <model>_history.json, <model>_curves.png
-and with --serialize <model>.pt. Under torchrun --nproc_per_node=N the effective batch is N x --train_batch."""
+setting. Writes into --checkpoints <arch>_last.pt every epoch (for --resume), <arch>_history.json, <arch>_curves.png
+and with --serialize <arch>.pt. Under torchrun --nproc_per_node=N the effective batch is N x --train_batch."""
 SMOKE_HELP = (f"the smoke subset: {config.SMOKE_TRAIN_PER_CLASS * 10:,} train / {config.SMOKE_TEST_PER_CLASS * 10} test "
               f"images, {config.SMOKE_EPOCHS} epochs (default: on when SMOKE_TEST=1 is set, else off)")
 
@@ -113,9 +113,10 @@ def _command(sub, name: str, summary: str, description: str, *examples: str):
 
 
 def _add_train(sub) -> None:
-    a = _command(sub, "train", "train a model on CIFAR-10", TRAIN_DOC, "--model resnet9 --serialize",
-                 "--model resnet9 --recipe tuned --amp bf16 --channels-last", "--model vgg --e 15 --lr 0.001")
-    a("--model", choices=MODEL_NAMES, default="resnet9", help="the architecture, with its seed recipe")
+    a = _command(sub, "train", "train a model on CIFAR-10", TRAIN_DOC, "--arch resnet9 --serialize",
+                 "--arch resnet9 --recipe tuned --amp bf16 --channels-last", "--arch vgg --e 15 --lr 0.001")
+    a("--arch", choices=MODEL_NAMES, default="resnet9", help="the architecture, with its seed recipe")
+    a("--model", dest="arch", choices=MODEL_NAMES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # --arch's old name
     a("--recipe", choices=tuple(RECIPE_CHOICES), default="seed", help="tuned: Page's ResNet-9 recipe (resnet9 only)")
     a("--train_path", help="a torchvision CIFAR-10 folder or a train/<class>, test/<class> image tree "
       "(default: $CIFAR10_DIR, else ./data/, downloading there if needed)")
@@ -123,12 +124,12 @@ def _add_train(sub) -> None:
     a("--download", action="store_true", help="download CIFAR-10 into TRAIN_PATH/TEST_PATH if it is missing")
     a("--checkpoints", help=f"folder for checkpoints, history, curves (default: ./{config.DEFAULT_CHECKPOINT_DIR}/; "
       f"smoke runs: ./{config.SMOKE_CHECKPOINT_DIR}/, so they never overwrite a full run's model)")
-    a("--serialize", "--s", action="store_true", help="save the final model as CHECKPOINTS/<model>.pt")
+    a("--serialize", "--s", action="store_true", help="save the final model as CHECKPOINTS/<arch>.pt")
     a("--smoke", action=argparse.BooleanOptionalAction, help=SMOKE_HELP)
     a("--dry-run", action="store_true", help="one smoke epoch; saves nothing unless --serialize")
     a("--workers", type=non_negative_int, help="data-loading processes; results depend on it "
       "(default: 0 with the on-device augmentation, else 2)")
-    a("--resume", metavar="PATH", help="continue the run saved in PATH, a <model>_last.pt (default: start afresh)")
+    a("--resume", metavar="PATH", help="continue the run saved in PATH, a <arch>_last.pt (default: start afresh)")
     # speed settings: what a flag says, else what helpers.hardware.auto_options picks for the device
     a("--fast-augment", action=argparse.BooleanOptionalAction, help="the recipe's augmentation (seed001, "
       "flip-translate) on whole uint8 batches on the device (default: on where the recipe's has that twin)")
@@ -221,10 +222,10 @@ def _save(what: str, path: Path, obj, flag: str = "--out") -> None:
 # ----------------------------------------------------------------------------------------
 def train_recipe(args):
     """(name, recipe): the seed or tuned recipe (smoke-shrunk) with the flags given, checked by Recipe.validate."""
-    name = RECIPE_CHOICES[args.recipe] or args.model
-    if config.RECIPES[name].model != args.model:
-        raise ConfigError(f"--recipe {args.recipe} is a {config.RECIPES[name].model} recipe, not {args.model}: "
-                          f"drop --recipe or use --model {config.RECIPES[name].model}")
+    name = RECIPE_CHOICES[args.recipe] or args.arch
+    if config.RECIPES[name].model != args.arch:
+        raise ConfigError(f"--recipe {args.recipe} is a {config.RECIPES[name].model} recipe, not {args.arch}: "
+                          f"drop --recipe or use --arch {config.RECIPES[name].model}")
     base = config.recipe(name, smoke=args.smoke)
     given = {field: getattr(args, field) for field in RECIPE_FLAGS if hasattr(args, field)}
     given.update({"epochs": 1} if args.dry_run else {})

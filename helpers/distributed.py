@@ -1,6 +1,6 @@
 """Scale-out: run `python -m helpers train` under torchrun with DistributedDataParallel.
 
-    torchrun --nproc_per_node=2 -m helpers train --model resnet9          # 2 GPUs (or 2 CPU processes)
+    torchrun --nproc_per_node=2 -m helpers train --arch resnet9          # 2 GPUs (or 2 CPU processes)
     python -m torch.distributed.run --standalone --nproc_per_node=2 -m helpers train ...
 
 torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE (plus

@@ -3,7 +3,7 @@
     python results/vgg_low_rank.py CHECKPOINT --ranks 128 256 384
     python results/vgg_low_rank.py CHECKPOINT --ranks 128 256 384 --ship 384 --out models/vgg_cifar10.pt
 
-CHECKPOINT is a full vgg checkpoint (`python -m helpers train --model vgg --serialize` writes
+CHECKPOINT is a full vgg checkpoint (`python -m helpers train --arch vgg --serialize` writes
 one). The script exports it, as `helpers.checkpoint.export_fp16` does, into a temporary folder:
 the fp32 weights, plain fp16 (69 MB) and fp16 with lin.0 and lin.3 as rank-r factorisations
 (2,389,140 + 32,768 r bytes of weights). It loads each file back with `load_model`, evaluates it

@@ -12,6 +12,7 @@ with exactly one `error: ...` line on stderr, the documented exit status, and no
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -81,7 +82,7 @@ def trained(request, tmp_path_factory):
     model = request.param
     root = tmp_path_factory.mktemp(f"cli-{model}")
     dropout = ("--dropout", "0.2") if model == "resnet9" else ()       # resnet9 only
-    proc = cli("train", "--model", model, "--epochs", "1", "--workers", "0", "--serialize", "--device", "cpu",
+    proc = cli("train", "--arch", model, "--epochs", "1", "--workers", "0", "--serialize", "--device", "cpu",
                "--weight-decay", "1e-4", *dropout, "--checkpoints", root / "models")
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = float(printed(r"^test accuracy: (\d\.\d{4}) \(loss [\d.]+\) on 500 images", proc.stdout))
@@ -260,7 +261,7 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
 
 @needs_data
 def test_dry_run_trains_one_epoch_and_saves_nothing(tmp_path):
-    proc = cli("train", "--model", "compact", "--dry-run", "--workers", "0", "--checkpoints", tmp_path / "ck",
+    proc = cli("train", "--arch", "compact", "--dry-run", "--workers", "0", "--checkpoints", tmp_path / "ck",
                env={"SMOKE_TEST": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[smoke] [dry run]" in proc.stdout and "1 epoch," in proc.stdout
@@ -280,29 +281,29 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
     from helpers.hardware import auto_options
 
     auto, r = auto_options("cpu"), recipe(model)
-    opts = speed_options(build_parser().parse_args(["train", "--model", model]), r, torch.device("cpu"))
+    opts = speed_options(build_parser().parse_args(["train", "--arch", model]), r, torch.device("cpu"))
     twin = r.augment != "seed004"
     assert (opts.amp, opts.channels_last) == (auto.amp, auto.channels_last)
     assert opts.fast_augment is twin and opts.workers == (0 if twin else 2)
     assert opts.reasons["amp"].startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU")
     assert ("seed004 has no on-device twin" in opts.reasons["fast_augment"]) is (not twin)
     # a flag given wins, and the reason says so
-    given = build_parser().parse_args(["train", "--model", model, "--amp", "off", "--no-channels-last",
+    given = build_parser().parse_args(["train", "--arch", model, "--amp", "off", "--no-channels-last",
                                        "--no-fast-augment", "--workers", "1"])
     opts = speed_options(given, r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last, opts.fast_augment, opts.workers) == (None, False, False, 1)
     assert opts.reasons == {"amp": "fp32: --amp off", "channels_last": "channels_last off: --no-channels-last",
                             "fast_augment": "on-device augmentation off: --no-fast-augment"}
     # one flag alone: its reason says so, the others keep their auto reasons
-    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-channels-last"]), r,
+    opts = speed_options(build_parser().parse_args(["train", "--arch", model, "--no-channels-last"]), r,
                          torch.device("cpu"))
     assert (opts.amp, opts.channels_last) == (auto.amp, False)
     assert opts.reasons["channels_last"] == "channels_last off: --no-channels-last"
-    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--no-fast-augment"]), r,
+    opts = speed_options(build_parser().parse_args(["train", "--arch", model, "--no-fast-augment"]), r,
                          torch.device("cpu"))
     assert not opts.fast_augment and opts.workers == 2 and opts.reasons["fast_augment"] == "on-device augmentation off: --no-fast-augment"
     # --amp alone: channels_last follows it, and no auto reason contradicts the header
-    opts = speed_options(build_parser().parse_args(["train", "--model", model, "--amp", "off"]), r, torch.device("cpu"))
+    opts = speed_options(build_parser().parse_args(["train", "--arch", model, "--amp", "off"]), r, torch.device("cpu"))
     assert (opts.amp, opts.channels_last) == (None, False)
     assert (opts.reasons["amp"], opts.reasons["channels_last"]) == ("fp32: --amp off", "channels_last off: follows --amp off")
 
@@ -315,7 +316,7 @@ def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
     from helpers.errors import ConfigError
 
     saved = {"amp": None, "channels_last": False, "fast_augment": False, "workers": 2}   # e.g. an fp32 run
-    argv = ["train", "--model", "resnet9", "--resume", "resnet9_last.pt"]
+    argv = ["train", "--arch", "resnet9", "--resume", "resnet9_last.pt"]
     opts = speed_options(build_parser().parse_args(argv), recipe("resnet9"), torch.device("cpu"), {"options": saved})
     assert opts.recorded() == saved and opts.reasons == {"resume": "as the run being resumed (its checkpoint records them)"}
     same = build_parser().parse_args(argv + ["--amp", "off", "--workers", "2"])         # flags that agree: fine
@@ -335,7 +336,7 @@ def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():
 
 @needs_data
 def test_smoke_run_saves_under_artifacts_smoke_not_over_a_full_runs_model(tmp_path):
-    proc = cli("train", "--model", "compact", "--dry-run", "--serialize", "--device", "cpu", cwd=tmp_path)
+    proc = cli("train", "--arch", "compact", "--dry-run", "--serialize", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^device cpu: (bf16|fp32), channels_last (on|off), on-device augmentation off$",
                      proc.stdout, re.M), proc.stdout[:2000]
@@ -395,6 +396,17 @@ def _help_entries(text: str) -> dict[str, str]:
     return {k: " ".join(v) for k, v in entries.items()}
 
 
+def test_train_takes_the_architecture_as_arch_and_still_as_model():
+    """--model names a checkpoint file in test and predict (seed 003's flag); train calls the
+    architecture --arch, and still accepts the old --model, unlisted."""
+    from helpers.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train"]).arch == "resnet9"
+    assert parse(["train", "--arch", "vgg"]).arch == parse(["train", "--model", "vgg"]).arch == "vgg"
+    assert "--model" not in cli("train", "--help").stdout
+
+
 @pytest.mark.parametrize("command", ["train", "test", "predict"])
 def test_help_shows_every_flag_with_its_default(command):
     from helpers.cli import build_parser
@@ -403,7 +415,7 @@ def test_help_shows_every_flag_with_its_default(command):
     assert proc.returncode == 0 and proc.stderr == ""
     entries = _help_entries(proc.stdout)
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    flags = [a for a in sub._actions if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS]
     assert len(flags) >= (20 if command == "train" else 5)
     for action in flags:
         for opt in action.option_strings:
@@ -414,7 +426,7 @@ def test_help_shows_every_flag_with_its_default(command):
     seed003 = {"train": ["--epochs", "--e", "--verbose", "--v", "--train_path", "--test_path", "--checkpoints",
                          "--train_batch", "--test_batch", "--learning_rate", "--lr", "--momentum", "--m",
                          "--serialize", "--s", "--smoke", "--seed", "--device", "--workers", "--resume",
-                         "--fast-augment", "--amp", "--channels-last", "--compile", "--dry-run", "--model",
+                         "--fast-augment", "--amp", "--channels-last", "--compile", "--dry-run", "--arch",
                          "--recipe"],
                "test": ["--model", "--test_path", "--tp", "--batch", "--confusion", "--cm", "--out"],
                "predict": ["--model", "--plot", "--top"]}[command]
@@ -461,7 +473,7 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
     nope = tmp / "nope"
     cases = {
         # usage errors: exit 2
-        "unknown model": (("train", "--model", "alexnet"), {}, 2, r"^error: argument --model: invalid choice: 'alexnet'"),
+        "unknown model": (("train", "--arch", "alexnet"), {}, 2, r"^error: argument --arch: invalid choice: 'alexnet'"),
         "zero epochs": (("train", "--epochs", "0"), {}, 2,
                         r"^error: argument --epochs/--e: must be a positive whole number, got 0"),
         "negative epochs alias": (("train", "--e", "-3"), {}, 2, r"argument --epochs/--e: must be a positive whole number, got -3"),
@@ -474,24 +486,24 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
         "momentum out of range": (("train", "--m", "1.5"), {}, 2, r"--momentum/--m: must be in \[0, 1\)"),
         "no command": ((), {}, 2, r"^error: the following arguments are required: COMMAND"),
         "no images": (("predict",), {}, 2, r"^error: the following arguments are required: IMAGE"),
-        "peak beyond epochs": (("train", "--model", "resnet9", "--epochs", "2", "--peak-epoch", "3"), {}, 2,
+        "peak beyond epochs": (("train", "--arch", "resnet9", "--epochs", "2", "--peak-epoch", "3"), {}, 2,
                                r"^error: peak epoch 3 is outside 1..2: choose a peak epoch no later than the last"),
-        "recipe peak beyond epochs": (("train", "--model", "resnet9", "--no-smoke", "--epochs", "3"), {}, 2,
+        "recipe peak beyond epochs": (("train", "--arch", "resnet9", "--no-smoke", "--epochs", "3"), {}, 2,
                                       r"^error: peak epoch 5 is outside 1..3"),
         "dropout out of range": (("train", "--dropout", "1.5"), {}, 2, r"^error: dropout must be in \[0, 1\), got 1.5"),
-        "dropout on vgg": (("train", "--model", "vgg", "--dropout", "0.2"), {}, 2,
+        "dropout on vgg": (("train", "--arch", "vgg", "--dropout", "0.2"), {}, 2,
                            r"^error: dropout is an option of resnet9 only"),
         "negative weight decay": (("train", "--weight-decay", "-1e-3"), {}, 2,
                                   r"^error: weight decay must be >= 0, got -0.001"),
         "weight decay not a number": (("train", "--weight_decay", "lots"), {}, 2,
                                       r"^error: argument --weight-decay/--weight_decay: must be a number, got 'lots'"),
-        "peak epoch on a constant LR": (("train", "--model", "vgg", "--peak-epoch", "2"), {}, 2,
+        "peak epoch on a constant LR": (("train", "--arch", "vgg", "--peak-epoch", "2"), {}, 2,
                                         r"--peak-epoch shapes the OneCycle schedule, but the vgg recipe"),
-        "tuned recipe for vgg": (("train", "--model", "vgg", "--recipe", "tuned"), {}, 2, r"--recipe tuned is a resnet9 recipe"),
+        "tuned recipe for vgg": (("train", "--arch", "vgg", "--recipe", "tuned"), {}, 2, r"--recipe tuned is a resnet9 recipe"),
         "unknown device": (("train", "--device", "tpu"), {}, 2, r"^error: unknown device 'tpu'"),
-        "fast augment on seed004": (("train", "--model", "compact", "--fast-augment", "--checkpoints", tmp / "ck9"), {}, 2,
+        "fast augment on seed004": (("train", "--arch", "compact", "--fast-augment", "--checkpoints", tmp / "ck9"), {}, 2,
                                     r"not 'seed004': drop --fast-augment"),
-        "resume with other settings": (("train", "--model", "compact", "--resume", train_state, "--lr", "0.1",
+        "resume with other settings": (("train", "--arch", "compact", "--resume", train_state, "--lr", "0.1",
                                         "--checkpoints", tmp / "ck1"), {}, 2,
                                        r"cannot resume .*compact_last.pt with other settings \(lr 0.0025 -> 0.1\)"),
         # other problems: exit 1
@@ -504,11 +516,11 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
         "wrong CIFAR10_DIR": (("train", "--checkpoints", tmp / "ck5"), {"env": {"CIFAR10_DIR": str(nope)}}, 1,
                               r"^error: CIFAR10_DIR=.*nope does not exist"),
         "wrong test --tp": (("test", "--model", weights, "--tp", nope), {}, 1, r"^error: --test_path .*nope does not exist"),
-        "resume other arch": (("train", "--model", "resnet9", "--resume", train_state, "--checkpoints", tmp / "ck6"), {}, 1,
-                              r"^error: cannot resume .*compact_last.pt: it holds a compact model, not resnet9; add --model compact"),
-        "resume final weights": (("train", "--model", "compact", "--resume", weights, "--checkpoints", tmp / "ck7"), {}, 1,
+        "resume other arch": (("train", "--arch", "resnet9", "--resume", train_state, "--checkpoints", tmp / "ck6"), {}, 1,
+                              r"^error: cannot resume .*compact_last.pt: it holds a compact model, not resnet9; add --arch compact"),
+        "resume final weights": (("train", "--arch", "compact", "--resume", weights, "--checkpoints", tmp / "ck7"), {}, 1,
                                  r"holds final weights only, not a training state"),
-        "resume missing": (("train", "--model", "compact", "--resume", tmp / "missing.pt", "--checkpoints", tmp / "ck8"), {}, 1,
+        "resume missing": (("train", "--arch", "compact", "--resume", tmp / "missing.pt", "--checkpoints", tmp / "ck8"), {}, 1,
                            r"^error: checkpoint .*missing.pt does not exist"),
         "truncated checkpoint (test)": (("test", "--model", tmp / "trunc.pt"), {}, 1,
                                         r"^error: checkpoint .*trunc.pt is truncated or not a PyTorch file"),

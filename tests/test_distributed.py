@@ -42,7 +42,7 @@ _env = smoke_env
 def test_torchrun_trains_with_ddp_and_matches_a_single_process(tmp_path):
     from helpers.checkpoint import load_checkpoint
 
-    train = ("-m", "helpers", "train", "--model", "resnet9", "--workers", "0", "--device", "cpu", "--serialize",
+    train = ("-m", "helpers", "train", "--arch", "resnet9", "--workers", "0", "--device", "cpu", "--serialize",
              "--amp", "off", "--no-fast-augment")      # fp32 and the DistributedSampler + albumentations path
     ddp = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

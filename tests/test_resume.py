@@ -35,7 +35,7 @@ from conftest import DATA, REPO, smoke_env
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 copy at {DATA}: set CIFAR10_DIR")
 
-RUN = ("train", "--model", "compact", "--patience", "2", "--seed", "0", "--device", "cpu", "--serialize")
+RUN = ("train", "--arch", "compact", "--patience", "2", "--seed", "0", "--device", "cpu", "--serialize")
 
 
 _env = smoke_env
@@ -211,7 +211,7 @@ def test_cli_divergence_is_one_line_and_leaves_the_checkpoint_alone(tmp_path):
                extras=engine.FitOptions(checkpoint_path=ckpt, config=recipe("vgg", smoke=True).to_dict()))
     before = (sha256(ckpt), os.stat(ckpt).st_mtime_ns)
 
-    proc = cli("train", "--model", "vgg", "--lr", "1e6", "--train_batch", "16", "--workers", "0",
+    proc = cli("train", "--arch", "vgg", "--lr", "1e6", "--train_batch", "16", "--workers", "0",
                "--checkpoints", tmp_path / "models")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
