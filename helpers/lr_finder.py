@@ -120,9 +120,9 @@ def range_test(model: nn.Module, train_loader, optimizer: torch.optim.Optimizer,
     records its loss; the smoothed loss is an exponential moving average (each new batch weighted
     SMOOTH_F). The test stops early when the smoothed loss exceeds DIVERGE_TH times its lowest
     value so far, or at the first NaN or infinite loss. These are torch-lr-finder's `range_test`
-    rules (step_mode="exp"), and the losses equal its, batch for batch (tests/test_lr_finder.py).
-    `options` gives the progress bar and the precision: bf16 autocast for amp="bf16", as
-    training will run; fp32 otherwise (fp16 would need a loss scale).
+    rules (step_mode="exp"; it goes on past a NaN), and the losses equal its, batch for batch
+    (tests/test_lr_finder.py). `options` gives the progress bar and the precision: bf16 autocast
+    for amp="bf16", as training will run; fp32 otherwise (fp16 would need a loss scale).
     """
     _check_ordered("start_lr", start_lr, "end_lr", end_lr, ": swap them")
     require_whole("num_iter", num_iter, minimum=2)

@@ -134,11 +134,18 @@ def test_closes_with_a_summary(notebook):
     assert re.search(r"^#+\s*Summary", source(last), re.M), f"{name}: the last cell must be a '## Summary'"
 
 
-def test_states_which_run_produced_the_outputs(notebook):
+def test_states_where_its_data_came_from_in_one_line_and_no_test_plumbing(notebook):
+    """One short provenance line (the data source); the rest of a run's provenance lives in
+    results/. No "smoke mode: on/off" or commit hashes in what the student reads."""
     name, nb = notebook
-    cells = [c for c in code_cells(nb) if "smoke mode" in source(c) and "data.source" in source(c)]
-    assert cells, f"{name}: no cell states the data source and smoke mode of the run"
-    assert all(ignored(c) for c in cells), f"{name}: the run-description cell must be tagged {IGNORE_TAG}"
+    cells = [c for c in code_cells(nb) if "print(" in source(c) and "data.source" in source(c)]
+    assert cells, f"{name}: no cell prints where the data came from (data.source)"
+    assert all(ignored(c) for c in cells), f"{name}: the data-source cell must be tagged {IGNORE_TAG}"
+    shown = "\n".join(source(c) + "".join(o.get("text", "") if isinstance(o.get("text"), str) else
+                                          "".join(o.get("text", [])) for o in c.get("outputs", []))
+                      for c in code_cells(nb))
+    assert not re.search(r"smoke mode: \{|smoke mode: o(n|ff)|commit [0-9a-f]{8}", shown), \
+        f"{name}: test plumbing in view (a smoke-mode line or a commit hash)"
 
 
 def test_nbval_markers_are_tags_and_compared_cells_are_clean(notebook):
