@@ -163,6 +163,13 @@ def test_nbval_markers_are_tags_and_compared_cells_are_clean(notebook):
                 out["data"].get("text/plain", "")), f"{name}: code cell {i} ends with a figure repr"
 
 
+def test_a_progress_bar_is_committed_as_one_line(notebook):
+    name, nb = notebook
+    for c in code_cells(nb):
+        bars = [o for o in c.get("outputs", []) if o.get("name") == "stderr"]
+        assert len(bars) <= 1, f"{name}: a cell commits {len(bars)} stderr outputs (a progress bar's every frame)"
+
+
 def test_outputs_print_no_path_of_the_machine_that_ran_them(notebook):
     name, nb = notebook
     for i, cell in enumerate(code_cells(nb)):
