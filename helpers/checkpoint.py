@@ -122,7 +122,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
                               "save models with helpers.checkpoint.save_checkpoint")
+    if isinstance(ckpt.get("history"), dict):
+        ckpt["history"] = upgrade_history(ckpt["history"])
     return ckpt
+
+
+LEGACY_HISTORY_KEYS = {"test_loss": "eval_loss", "test_acc": "eval_acc"}   # before 2026-12-06
+
+
+def upgrade_history(history: dict) -> dict:
+    """A training history with today's keys. Histories written before 2026-12-06 called the
+    per-epoch evaluation test_loss/test_acc, even when it ran on a validation split; it is
+    eval_loss/eval_acc now, and history["eval_set"] says which set it was."""
+    return {LEGACY_HISTORY_KEYS.get(k, k) if LEGACY_HISTORY_KEYS.get(k) not in history else k: v
+            for k, v in history.items()}
 
 
 def load_model(path, device="cpu", expect_arch: str | None = None):

@@ -2,7 +2,7 @@
 evaluates after each; `train` runs a whole recipe from helpers.config.
 
     history = fit(model, train_loader, eval_loader, optimizer=optimizer, epochs=epochs, scheduler=scheduler)
-    history["test_acc"][-1], history["lr"]        # per-epoch metrics, the LR at every step
+    history["eval_acc"][-1], history["lr"]        # per-epoch metrics, the LR at every step
 
 Around the loop, each on its own: early stopping (seed 004), checkpoints with exact resume,
 and the placing of the model (device, channels_last, torch.compile, DistributedDataParallel).
@@ -39,12 +39,13 @@ from .optim import one_cycle, optimizer_for
 # ----------------------------------------------------------------------------------------
 # fit: the loop epoch after epoch, with an evaluation after each
 # ----------------------------------------------------------------------------------------
-HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+HISTORY_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "seconds")
 
 
 def new_history() -> dict:
-    """Per-epoch train/test loss and accuracy, the LR at every step, and the seconds per
-    epoch (the only entry that differs between identical runs)."""
+    """Per-epoch loss and accuracy on the training batches and on eval_loader (the test set or a
+    validation split: train() records which as "eval_set"), the LR at every step, and the
+    seconds per epoch (the only entry that differs between identical runs)."""
     return {k: [] for k in HISTORY_KEYS}
 
 
@@ -185,9 +186,9 @@ class TrainingState:
     options: dict = field(default_factory=dict)      # RunOptions.recorded(): precision, layout, augmentation
 
     def record(self, tr: dict, te: dict, seconds: float) -> None:
-        """Append one epoch's train and test results to the history."""
+        """Append one epoch's training and evaluation results to the history."""
         for key, value in (("train_loss", tr["loss"]), ("train_acc", tr["acc"]),
-                           ("test_loss", te["loss"]), ("test_acc", te["acc"])):
+                           ("eval_loss", te["loss"]), ("eval_acc", te["acc"])):
             self.history[key].append(value)
         self.history["lr"].extend(tr["lr"])
         self.history["seconds"].append(seconds)

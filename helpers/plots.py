@@ -185,10 +185,10 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(epochs, history["train_loss"], "o-", label="train")
-    axes[0].plot(epochs, history["test_loss"], "o-", label=eval_name)
+    axes[0].plot(epochs, history["eval_loss"], "o-", label=eval_name)
     axes[0].set_ylabel("loss"), axes[0].set_title("Loss per epoch")
     axes[1].plot(epochs, 100 * np.asarray(history["train_acc"]), "o-", label="train")
-    axes[1].plot(epochs, 100 * np.asarray(history["test_acc"]), "o-", label=eval_name)
+    axes[1].plot(epochs, 100 * np.asarray(history["eval_acc"]), "o-", label=eval_name)
     axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
     if target is not None:
         axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:g} %")

@@ -153,7 +153,7 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
                      "batch_size": r.batch_size, "normalize": r.normalize,
                      "train_acc_augmented": run["history"]["train_acc"][-1],
                      "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
-                     "held_out_acc_per_epoch": [round(a, 4) for a in run["history"]["test_acc"]],
+                     "held_out_acc_per_epoch": [round(a, 4) for a in run["history"]["eval_acc"]],
                      "seconds": time.perf_counter() - t0})
         log(f"  train {train_acc:.2%}  {STUDIES[study].held_out} {test_acc:.2%}  gap {train_acc - test_acc:+.2%}")
     settings = {"study": study, "title": STUDIES[study].title, "train_images": len(sub.train_labels),

@@ -70,10 +70,10 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
     wall, h = time.perf_counter() - t0, run["history"]   # evaluate's .item() has synchronised the device
     n_train = len(data.split_validation(r.val_split, r.seed)[1] if r.val_split > 0 else data.train_labels)
     return {"config": args.config, "about": about, "seed": seed, "device_type": device.type, "settings": settings,
-            "test_acc": run["test"]["acc"], "test_loss": run["test"]["loss"], "epochs_run": len(h["test_acc"]),
+            "test_acc": run["test"]["acc"], "test_loss": run["test"]["loss"], "epochs_run": len(h["train_loss"]),
             "best_epoch": best_epoch(h), "final_train_acc": h["train_acc"][-1], "wall_seconds": wall,
             "epoch_seconds_mean": float(np.mean(h["seconds"])), "train_images": n_train,
-            "images_per_s": len(h["test_acc"]) * n_train / wall, "data": data.source,
+            "images_per_s": len(h["train_loss"]) * n_train / wall, "data": data.source,
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "recipe": r.to_dict(), "command": public_command(["python", *sys.argv]), **run_info(device)}
 
@@ -105,7 +105,7 @@ def record_row(path: Path) -> dict:
     resumed = bool(rec.get("resumed_from"))
     settings = {k: rec.get(k) for k in ("amp", "channels_last", "fast_augment", "compile", "workers", "smoke")}
     h, r, wall, n_train = rec["history"], rec["config"], rec["wall_seconds"], rec["data"]["train_images"]
-    epochs, median = len(h["test_acc"]), float(np.median(h["seconds"]))
+    epochs, median = len(h["train_loss"]), float(np.median(h["seconds"]))
     standard = recipe(rec["recipe"], smoke=bool(rec.get("smoke"))).to_dict()
     overrides = {k: v for k, v in r.items() if k not in ("seed", "notes") and v != standard.get(k)}
     label = config_label(rec["recipe"], settings)

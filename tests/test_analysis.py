@@ -67,8 +67,8 @@ def test_cam_layer_is_the_last_convolutional_block():
 
 
 def test_history_table_has_one_row_per_epoch_with_its_last_lr():
-    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "test_loss": [1.2, 0.8],
-               "test_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
+    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "eval_loss": [1.2, 0.8],
+               "eval_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
     lines = analysis.history_table(history).splitlines()
     assert len(lines) == 4                                   # header, rule, two epochs
     assert lines[2].split() == ["1/2", "1.5000", "40.00%", "1.2000", "55.00%", "5.00e-04"]
@@ -76,8 +76,8 @@ def test_history_table_has_one_row_per_epoch_with_its_last_lr():
 
 
 def test_training_curves_draw_the_target_with_its_decimals():
-    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "test_loss": [1.2, 0.8],
-               "test_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
+    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "eval_loss": [1.2, 0.8],
+               "eval_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
     for target, label in ((0.935, "target 93.5 %"), (0.9, "target 90 %")):
         fig = plots.training_curves(history, target=target)
         assert label in [line.get_label() for line in fig.axes[1].get_lines()]

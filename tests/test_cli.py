@@ -122,7 +122,7 @@ def test_train_writes_checkpoints_history_and_curves(trained):
 
     record = json.loads((trained.dir / f"{m}_history.json").read_text())
     assert record["model"] == m and record["config"] == final["config"]
-    assert record["history"]["test_acc"] == final["history"]["test_acc"]
+    assert record["history"]["eval_acc"] == final["history"]["eval_acc"]
     assert record["test"]["acc"] == final["metrics"]["test_acc"] and record["test"]["images"] == 500
     from helpers.hardware import get_device
     from helpers.runinfo import device_name
@@ -651,7 +651,7 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     rec = json.loads((trained.dir / f"{trained.model}_history.json").read_text())
     rec.update(resumed_from=str(trained.dir / f"{trained.model}_last.pt"), wall_seconds=1.0)
     rec["history"]["seconds"] = [40.0, 3000.0, 50.0]        # the middle epoch was cut by a session's end
-    for key in ("train_acc", "test_acc"):
+    for key in ("train_acc", "eval_acc"):
         rec["history"][key] = rec["history"][key] * 3
     rec["history"]["best_epoch"] = 1                         # early stopping kept the second epoch
     path = tmp_path / "compact_history.json"

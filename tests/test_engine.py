@@ -8,7 +8,8 @@ from torch import nn
 from conftest import REPO
 from helpers import engine, hardware, loop, optim
 from helpers.augment import test_transforms
-from helpers.checkpoint import load_model, save_checkpoint
+from helpers import config
+from helpers.checkpoint import load_checkpoint, load_model, save_checkpoint
 from helpers.config import recipe
 from helpers.loaders import make_loader
 from helpers.errors import CheckpointError, ConfigError, DivergenceError
@@ -137,8 +138,8 @@ def test_training_checkpoint_holds_the_whole_state(small_data, tmp_path):
         ckpt = torch.load(path, weights_only=True)
         assert list(ckpt) == ["format", "arch", "model", "optimizer", "scheduler", "scaler", "epoch", "history",
                               "config", "options", "early_stopping", "rng"]
-        assert list(ckpt["history"]) == ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
-        assert len(ckpt["history"]["lr"]) == 2 and len(ckpt["history"]["test_acc"]) == 1
+        assert list(ckpt["history"]) == ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "seconds"]
+        assert len(ckpt["history"]["lr"]) == 2 and len(ckpt["history"]["eval_acc"]) == 1
         assert (ckpt["arch"], ckpt["epoch"], ckpt["config"], ckpt["scheduler"]) == ("compact", 0, {"seed": 0}, None)
         assert ckpt["early_stopping"]["patience"] == 3 and ckpt["early_stopping"]["best_epoch"] == 0
         assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
@@ -269,7 +270,7 @@ def test_same_seed_gives_the_same_history_with_workers(small_data):
     options = hardware.RunOptions(device="cpu", workers=2, progress=False)
     runs = [engine.train(r, small_data, options) for _ in range(2)]
     h1, h2 = (run["history"] for run in runs)
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr"):
         assert h1[key] == h2[key], key
     w1, w2 = (run["model"].state_dict() for run in runs)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -324,6 +325,19 @@ def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp
     a = predict(model, x, small_data.test_labels[:200], stats=(ckpt["mean"], ckpt["std"]))
     b = predict(restored, x, small_data.test_labels[:200], stats=(ckpt["mean"], ckpt["std"]))
     assert np.abs(a.probs - b.probs).max() < 0.02 and (a.preds == b.preds).mean() >= 0.98
+
+
+def test_histories_saved_before_the_eval_keys_load_with_them():
+    """Checkpoints saved before 2026-12-06 (the shipped models among them) called the per-epoch
+    evaluation test_loss/test_acc; they load with eval_loss/eval_acc, values unchanged."""
+    from helpers.checkpoint import upgrade_history
+
+    raw = torch.load(config.SHIPPED_MODEL, weights_only=True)["history"]
+    history = load_checkpoint(config.SHIPPED_MODEL)["history"]
+    assert "test_acc" in raw and "test_acc" not in history and history["eval_acc"] == raw["test_acc"]
+    assert history["eval_loss"] == raw["test_loss"] and history["train_acc"] == raw["train_acc"]
+    new = engine.new_history()
+    assert upgrade_history(new) == new
 
 
 SHIPPED = {   # file -> (architecture, size limit in MB, least accuracy on the stratified 1,000 test images)

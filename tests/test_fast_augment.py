@@ -445,10 +445,10 @@ def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
     history, moved = run()
     assert calls == [64, 64, 64, 8]                       # every batch went through BatchAugment
     assert moved
-    assert len(history["train_loss"]) == len(history["test_acc"]) == 1 and len(history["lr"]) == 4
-    assert np.isfinite(history["train_loss"][0]) and 0 <= history["test_acc"][0] <= 1
+    assert len(history["train_loss"]) == len(history["eval_acc"]) == 1 and len(history["lr"]) == 4
+    assert np.isfinite(history["train_loss"][0]) and 0 <= history["eval_acc"][0] <= 1
     again, _ = run()
-    assert again["train_loss"] == history["train_loss"] and again["test_acc"] == history["test_acc"]
+    assert again["train_loss"] == history["train_loss"] and again["eval_acc"] == history["eval_acc"]
 
 
 def test_device_loader_pads_ranks_to_equal_length_like_distributed_sampler():

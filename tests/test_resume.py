@@ -184,7 +184,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     good = load_checkpoint(ckpt)
     assert good["epoch"] == 0 and len(good["history"]["train_loss"]) == 1
-    assert all(math.isfinite(good["history"][k][0]) for k in ("train_loss", "test_loss"))
+    assert all(math.isfinite(good["history"][k][0]) for k in ("train_loss", "eval_loss"))
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
     model2 = get_model("vgg")
     opt2 = torch.optim.SGD(model2.parameters(), lr=1e-3, momentum=0.9)
