@@ -3,6 +3,7 @@
 "overfitting" is seed 001's study: its ResNet-9 overfit (98 % train, 93 % test), so it put
 dropout in all layers, and tried weight decay 1e-3 (no help) and 1e-2 (hurt); Page's tuned
 recipe is compared too. "fast" is the fast recipe's ablation: one ingredient left out per row.
+"lr" puts seed 001's LR_MAX beside notebook 03's range-test suggestion, on a validation split.
 
     rows = run_study(load_cifar10(), auto_options())["rows"]        # one dict per variant
     rows = run_study(load_cifar10(), auto_options(), study="fast")["rows"]
@@ -21,7 +22,7 @@ from pathlib import Path
 from . import config
 from .config import Recipe
 from .data import CIFAR10Data
-from .errors import ConfigError, CourseError
+from .errors import ConfigError, CourseError, DivergenceError
 
 # ----------------------------------------------------------------------------------------
 # Settings: a tenth of the training set for a quarter of the epochs
@@ -68,6 +69,15 @@ VGG_VARIANTS = {
 }
 
 
+# The LR story (notebook 03 -> 04): seed 001's LR_MAX, notebook 03's range-test suggestion on the
+# course's full run (2.15e-2, 8.5x as large) and their geometric middle, each with LR_MIN = LR_MAX / 10
+LR_VARIANTS = {
+    "LR_MAX 2.54e-3 (seed 001)": ("resnet9", {}),
+    "LR_MAX 7.39e-3 (the geometric middle)": ("resnet9", {"lr": 7.39e-3, "lr_min": 7.39e-4}),
+    "LR_MAX 2.15e-2 (notebook 03's suggestion)": ("resnet9", {"lr": 2.15e-2, "lr_min": 2.15e-3}),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
     """What a study compares, on how much data, for how long, and where its record lives."""
@@ -94,7 +104,15 @@ STUDIES = {
     # batch 4 alone costs 20 min here (about 25 images/s against 185 at batch 64)
     "vgg": Study("Seed 003's unstated settings", VGG_VARIANTS, 200, 100, 15, 1,
                  config.REPO_ROOT / "results" / "vgg_settings_study.json"),
+    # the overfitting study's short setup, scored on 2,000 held-out training images
+    "lr": Study("Seed 001's LR_MAX against the range test's suggestion", LR_VARIANTS, TRAIN_PER_CLASS,
+                TEST_PER_CLASS, EPOCHS, PEAK_EPOCH, config.REPO_ROOT / "results" / "lr_study.json"),
 }
+
+
+# the recipe settings each row records
+ROW_SETTINGS = ("optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift", "augment",
+                "batch_size", "normalize")
 
 
 def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
@@ -143,15 +161,18 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
             continue
         t0 = time.perf_counter()
         log(f"{name}: {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
-        run = train(r, sub, options, log=lambda *a, **k: None)
+        row = {"variant": name, **{k: getattr(r, k) for k in ROW_SETTINGS}}
+        try:
+            run = train(r, sub, options, log=lambda *a, **k: None)
+        except DivergenceError as e:             # a too-high LR is a result too: NaN accuracies
+            rows.append({**row, **dict.fromkeys(("train_acc_augmented", "train_acc", "test_acc", "gap"), float("nan")),
+                         "diverged": str(e), "seconds": time.perf_counter() - t0})
+            log(f"  diverged: {e}")
+            continue
         clean = build_loaders(r.replace(augment="none"), sub)[0]   # training images, no augmentation
         train_acc = evaluate(run["model"], clean, tta_flip=r.tta_flip, tta_shift=r.tta_shift, progress=False)["acc"]
         test_acc = run["test"]["acc"]
-        rows.append({"variant": name, "optimizer": r.optimizer, "dropout": r.dropout,
-                     "weight_decay": r.weight_decay, "label_smoothing": r.label_smoothing,
-                     "tta_flip": r.tta_flip, "tta_shift": r.tta_shift, "augment": r.augment,
-                     "batch_size": r.batch_size, "normalize": r.normalize,
-                     "train_acc_augmented": run["history"]["train_acc"][-1],
+        rows.append({**row, "train_acc_augmented": run["history"]["train_acc"][-1],
                      "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
                      "held_out_acc_per_epoch": [round(a, 4) for a in run["history"]["eval_acc"]],
                      "seconds": time.perf_counter() - t0})
@@ -240,7 +261,7 @@ def markdown(result: dict) -> str:
 
     s, git = result["settings"], result["git"]
     held = "validation" if s.get("held_out") == "validation" else "test"
-    settings = {"optimizer": lambda r: r["optimizer"],
+    settings = {"optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
                 "batch": lambda r: r.get("batch_size", s.get("batch_size")) or "-",
                 "input": lambda r: "normalised" if r.get("normalize", True) else "[0, 1]",
                 "augmentation": lambda r: r.get("augment", "seed001"), "dropout": lambda r: f"{r['dropout']:g}",

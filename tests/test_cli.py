@@ -651,7 +651,7 @@ def test_a_cli_run_resumed_with_resume_is_recorded_without_a_wall_time(trained, 
     rec = json.loads((trained.dir / f"{trained.model}_history.json").read_text())
     rec.update(resumed_from=str(trained.dir / f"{trained.model}_last.pt"), wall_seconds=1.0)
     rec["history"]["seconds"] = [40.0, 3000.0, 50.0]        # the middle epoch was cut by a session's end
-    for key in ("train_acc", "eval_acc"):
+    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc"):
         rec["history"][key] = rec["history"][key] * 3
     rec["history"]["best_epoch"] = 1                         # early stopping kept the second epoch
     path = tmp_path / "compact_history.json"
