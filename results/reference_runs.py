@@ -193,6 +193,8 @@ def readme_text(path: Path) -> str:
              "recipe: the first reading (batch 64) run by the command line on a CPU, and the measured reading (batch 16).",
              "- `vgg_settings_study.md`/`.json`: seed 003's unstated settings (training batch, optimizer, input "
              "scaling) in short runs scored on a validation split (`python -m helpers.study --study vgg`).",
+             "- `lr_study.md`/`.json`: seed 001's LR_MAX against notebook 03's range-test suggestion, short runs "
+             "scored on a validation split (`python -m helpers.study --study lr`).",
              "- `gpu_runs.md`/`.json` "
              "(+ `gpu_run_log.txt`): the recipes and the airbench94 anchor on one H200, with a profile of the train step "
              "(`results/gpu_run.sh`).", "- `reference_runs.jsonl`: one JSON line per seed of every reference run"
