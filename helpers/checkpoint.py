@@ -134,8 +134,11 @@ def upgrade_history(history: dict) -> dict:
     """A training history with today's keys. Histories written before 2026-12-06 called the
     per-epoch evaluation test_loss/test_acc, even when it ran on a validation split; it is
     eval_loss/eval_acc now, and history["eval_set"] says which set it was."""
-    return {LEGACY_HISTORY_KEYS.get(k, k) if LEGACY_HISTORY_KEYS.get(k) not in history else k: v
-            for k, v in history.items()}
+    upgraded = {}
+    for key, value in history.items():
+        new = LEGACY_HISTORY_KEYS.get(key)
+        upgraded[new if new and new not in history else key] = value
+    return upgraded
 
 
 def load_model(path, device="cpu", expect_arch: str | None = None):
