@@ -69,7 +69,7 @@ def model_cases(args, data, device, kind):
         model = get_model(name, dropout=r.dropout).to(device)
         model = model.to(memory_format=torch.channels_last) if cl else model
         if kind == "train":
-            optimizer = optim.optimizer_for(r, model.parameters())
+            optimizer = optim.optimizer_for(r, model)
             loss = torch.nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
             run = hardware.RunOptions(str(device), amp=amp, channels_last=cl, progress=False)
             fn = lambda m=model, o=optimizer, lf=loss, ro=run: loop.train_one_epoch(m, [(x, y)], o, loss_fn=lf,

@@ -7,6 +7,8 @@ Seed 001 (train):  pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
                    -> Normalize(mean, std) -> ToTensorV2
 Seed 004 (train):  HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
 flip-translate:    seed 001's pad-crop (pad 2, every image) and flip, no cutout (the fast recipe)
+altflip-translate: the same, but each image mirrored on alternate epochs (airbench94): a random
+                   half in epoch 0, the other half in epoch 1, and so on; on the device only
 Test:              Normalize -> ToTensorV2
 
 Default probabilities follow seed 001: the pad-and-crop, the flip and the cutout each
@@ -120,9 +122,20 @@ def seed004_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIF
 # train_transforms and, on the device, BatchAugment run. flip-translate (the fast recipe): a
 # flip, and a shift of up to 2 pixels on every image (reflect-padded to 36x36, then a random
 # 32x32 crop); no cutout.
-PRESETS = {"seed001": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0}}
+# altflip-translate: the same shifts; which images are mirrored alternates epoch by epoch, which
+# only helpers.loaders.DeviceLoader (it knows each image and the epoch) can do.
+PRESETS = {"seed001": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0},
+           "altflip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0, "alternate_flips": True}}
+
+
+def _device_only(mean, std, **options):
+    raise ConfigError("altflip-translate mirrors each image on alternate epochs, which only the on-device "
+                      "loader does: add --fast-augment (or use flip-translate)")
+
+
 AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms, "none": test_transforms,
-                 "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"])}
+                 "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"]),
+                 "altflip-translate": _device_only}
 
 
 def transforms_for(name: str, mean, std, **options) -> A.Compose:
@@ -179,17 +192,18 @@ class BatchAugment:
     the mean pixel, its top-left corner uniform over -cutout_pad..32+cutout_pad-hole (image
     coordinates), so that it may be cut by the border or miss the image, as in seed 001.
     Returns normalised float NCHW. `sample` and `apply` are separate so that tests can
-    feed identical parameters to both implementations.
+    feed identical parameters to both implementations. With alternate_flips the loader sets
+    each batch's flips itself (helpers.loaders.DeviceLoader: image by image, epoch by epoch).
     """
 
     def __init__(self, mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
                  cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
-                 cutout_pad: int = CUTOUT_PAD):
+                 cutout_pad: int = CUTOUT_PAD, alternate_flips: bool = False):
         train_transforms(mean, std, crop_p=crop_p, flip_p=flip_p, cutout_p=cutout_p, pad=pad, hole=hole,
                          cutout_pad=cutout_pad)                                  # the same validation
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_p, self.flip_p, self.cutout_p, self.pad, self.hole = crop_p, flip_p, cutout_p, pad, hole
-        self.cutout_pad = cutout_pad
+        self.cutout_pad, self.alternate_flips = cutout_pad, alternate_flips
 
     def sample(self, n: int, device, generator: torch.Generator | None = None) -> dict:
         def rand(*shape):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write
-from .models import MODELS, get_model, low_rank_vgg
+from .models import MODELS, get_model, low_rank_vgg, set_batchnorm
 
 FORMAT = 1
 
@@ -160,9 +160,12 @@ def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
         raise CheckpointError(f"checkpoint {path} records model options {options!r} that this version "
                               "does not know (it knows rank): update the course code or re-export the model")
     try:   # the same outputs as in training (dropout is a no-op in eval mode; the logit scale is not)
-        model = get_model(arch, logit_scale=(ckpt.get("config") or {}).get("logit_scale", 1.0), **options)
+        config = ckpt.get("config") or {}
+        model = get_model(arch, logit_scale=config.get("logit_scale", 1.0), **options)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} records options its {arch} model cannot take ({e})") from None
+    if arch == "fast":                       # its BatchNorm eps shapes the outputs (airbench's 1e-12)
+        set_batchnorm(model, eps=config.get("bn_eps", 1e-5))
     weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(weights)

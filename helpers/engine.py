@@ -32,8 +32,8 @@ from .errors import CheckpointError, ConfigError, DivergenceError, require_whole
 from .hardware import FP16_ON_CPU, RunOptions, get_device, seed_everything
 from .loaders import build_loaders, input_stats
 from .loop import DivergenceGuard, evaluate, grad_scaler, train_one_epoch
-from .models import FastNet, get_model, init_whitening
-from .optim import one_cycle, optimizer_for
+from .models import FastNet, dirac_init, get_model, init_whitening, set_batchnorm
+from .optim import Lookahead, one_cycle, optimizer_for
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,8 +86,9 @@ def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, 
     guard = DivergenceGuard(first_step=start * len(train_loader))   # numbers the steps for its messages
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)        # the epoch's shuffle and augmentation: f(seed, epoch)
+        for part in (train_loader, unwrap(model)):    # the epoch's shuffle and augmentation: f(seed, epoch);
+            if hasattr(part, "set_epoch"):             # the fast net's whitening bias: trained or frozen
+                part.set_epoch(epoch)
         tr = train_one_epoch(train_net, train_loader, optimizer, scheduler=scheduler, loss_fn=loss_fn, options=options,
                              scaler=state.scaler, guard=guard)
         # under DDP rank 0 alone evaluates, logs and saves; every rank then acts on its verdict
@@ -274,6 +275,24 @@ def whitening_images(data: CIFAR10Data, recipe: Recipe | None = None, count: int
     return normalize_batch(torch.as_tensor(images).permute(0, 3, 1, 2), *input_stats(recipe or Recipe(), data))
 
 
+def build_model(recipe: Recipe, data: CIFAR10Data) -> nn.Module:
+    """The recipe's fresh model (call seed_everything first). The fast net gets its whitening
+    filters from `data` (or, with whiten=False, learns them) and the recipe's ingredients: its
+    BatchNorm settings, dirac initialisation and how long the whitening bias trains."""
+    model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
+    if not isinstance(model, FastNet):
+        return model
+    set_batchnorm(model, momentum=recipe.bn_momentum, eps=recipe.bn_eps, frozen_scales=recipe.frozen_bn_scales)
+    if recipe.dirac_init:
+        dirac_init(model)
+    model.whiten_bias_epochs = recipe.whiten_bias_epochs
+    if recipe.whiten:                            # its first layer is computed, not learned ...
+        init_whitening(model, whitening_images(data, recipe))
+    else:                                        # ... unless the recipe says so (the ablation)
+        model.learn_first_layer()
+    return model
+
+
 def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, *,
           checkpoint_path=None, resume=None, log=print) -> dict:
     """Build the recipe's model, loaders, optimizer and schedule, fit, and test.
@@ -289,18 +308,15 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
         check_resume(resume, recipe)
     device = get_device(options.device)
     seed_everything(recipe.seed)
-    model = get_model(recipe.model, dropout=recipe.dropout, logit_scale=recipe.logit_scale)
-    if isinstance(model, FastNet):               # its first layer is computed, not learned ...
-        if recipe.whiten:
-            init_whitening(model, whitening_images(data, recipe))
-        else:                                    # ... unless the recipe says so (the ablation)
-            model.learn_first_layer()
+    model = build_model(recipe, data)
     train_loader, val_loader, test_loader = build_loaders(recipe, data, options, distributed=is_distributed())
-    optimizer = optimizer_for(recipe, model.parameters())
+    optimizer = optimizer_for(recipe, model)
     scheduler = None
     if recipe.schedule == "onecycle":
-        scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, epochs=recipe.epochs,
+        scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, epochs=recipe.epochs, lr_start=recipe.lr_start,
                               steps_per_epoch=len(train_loader), peak_epoch=recipe.peak_epoch)
+    if recipe.lookahead:                         # wraps the optimizer: after its last step the weights are the average
+        optimizer = Lookahead(optimizer, model, total_steps=recipe.epochs * len(train_loader))
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
                         eval_name="val" if recipe.val_split > 0 else "test",

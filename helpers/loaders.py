@@ -143,6 +143,9 @@ class DeviceLoader:
         self.mean, self.std = tuple(stats[0]), tuple(stats[1])
         self.seed, (self.rank, self.world_size) = seed, shard
         self.generator = torch.Generator(device=self.device)
+        if self.augment is not None and self.augment.alternate_flips:   # which images epoch 0 mirrors
+            g = torch.Generator().manual_seed(epoch_seed(seed, -1))
+            self.mirrored = (torch.rand(len(self.labels), generator=g) < 0.5).to(self.device)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -173,7 +176,10 @@ class DeviceLoader:
             b = idx[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[b]
             if self.augment is not None:
-                x = self.augment(x, self.generator)
+                params = self.augment.sample(len(b), self.device, self.generator)
+                if self.augment.alternate_flips:          # the same half in even epochs, the other in odd
+                    params["flip"] = self.mirrored[b] ^ bool(self.epoch % 2)
+                x = self.augment.apply(x, params)
             else:
                 x = normalize_batch(x.permute(0, 3, 1, 2).float(), self.mean, self.std)
             yield x, self.labels[b]

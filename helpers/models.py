@@ -251,12 +251,20 @@ class FastNet(nn.Module):
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.output_scale = output_scale
+        self.whiten_bias_epochs: int | None = None     # see set_epoch
         self._ready = False                            # True once a training forward found the filters set
 
     def learn_first_layer(self) -> "FastNet":
         """No whitening: the first layer's filters are trained like any other weights."""
         self.whiten.weight.requires_grad_(True)
         return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by helpers.engine.fit before each epoch: with `whiten_bias_epochs` = n, the
+        whitening bias trains in epochs 0..n-1 and is frozen from then on (airbench: n = 3).
+        (Under DistributedDataParallel a parameter must not change requires_grad mid-run.)"""
+        if self.whiten_bias_epochs is not None:
+            self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     def forward(self, x):
         if self.training and not self._ready:        # checked once: reading the buffer waits on the device
@@ -293,6 +301,33 @@ def init_whitening(model: FastNet, images: torch.Tensor, eps: float = WHITEN_EPS
     model.whiten.bias.copy_((-weight.reshape(len(weight), -1) @ mean).float())
     model.whitened.fill_(True)
     return lam.float()
+
+
+def set_batchnorm(model: nn.Module, *, momentum: float = 0.1, eps: float = 1e-5,
+                  frozen_scales: bool = False) -> nn.Module:
+    """Every BatchNorm layer's momentum (PyTorch's convention: running = (1 - momentum) * running
+    + momentum * batch statistic) and eps; frozen_scales=True fixes the scales (weights) at 1.
+    airbench94 uses momentum 0.4 (its "0.6" counts the other way), eps 1e-12 and frozen scales."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum, m.eps = momentum, eps
+            if frozen_scales and m.weight is not None:
+                with torch.no_grad():
+                    m.weight.fill_(1.0)
+                m.weight.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def dirac_init(model: nn.Module) -> nn.Module:
+    """Start every 3x3 convolution with c_in inputs as the identity on its first c_in filters
+    (torch.nn.init.dirac_), so that at step 0 each conv passes its input through; the other
+    filters keep their random initialisation (airbench94)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            w = m.weight
+            nn.init.dirac_(w[:min(w.shape[0], w.shape[1])])
+    return model
 
 
 # ----------------------------------------------------------------------------------------

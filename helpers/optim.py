@@ -1,13 +1,16 @@
-"""Optimizers by name, and seed 001's OneCycle schedule (linear up, linear down, no annihilation).
+"""Optimizers by name, seed 001's OneCycle schedule (linear up, linear down, no annihilation),
+and airbench94's Lookahead.
 
     optimizer = make_optimizer("adam", model.parameters(), lr=2.54e-3)
     scheduler = one_cycle(optimizer, lr_max=2.54e-3, epochs=24, steps_per_epoch=98)   # step it every batch
+    optimizer = optimizer_for(recipe, model)        # the recipe's, BatchNorm biases in their own group
 
 OPTIMIZERS is the one list of names: Recipe.validate and make_optimizer both read it.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .errors import ConfigError, require_positive, require_whole
 
@@ -45,28 +48,95 @@ def make_optimizer(name: str, params, lr: float, *, momentum: float = 0.9, weigh
     return adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 
-def optimizer_for(recipe, params) -> torch.optim.Optimizer:
-    """The optimizer a helpers.config.Recipe names, with its LR, momentum and weight decay."""
+def optimizer_for(recipe, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a helpers.config.Recipe names for `model`, with its LR, momentum and weight
+    decay; with recipe.bn_bias_lr = k != 1 the BatchNorm biases form a second parameter group at
+    k x the LR and 1/k x the weight decay, so that their decay per step (LR x weight decay) stays
+    the others' (airbench94: k = 64). Each group's "lr_scale" tells one_cycle its share."""
+    params = list(model.parameters())
+    if recipe.bn_bias_lr != 1.0:
+        biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.bias is not None}
+        k = recipe.bn_bias_lr
+        params = [{"params": [p for p in params if id(p) not in biases], "lr_scale": 1.0},
+                  {"params": [p for p in params if id(p) in biases], "lr": recipe.lr * k,
+                   "weight_decay": recipe.weight_decay / k, "lr_scale": k}]
     return make_optimizer(recipe.optimizer, params, recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
 
 
+class Lookahead:
+    """airbench94's lookahead around an optimizer: it keeps an exponential moving average (EMA)
+    of the model's weights and BatchNorm statistics, and every `every` steps moves the average
+    toward the weights and then the weights onto the average. The average's memory starts at 0
+    and grows with the step t of T as decay = 0.95^every x (t / T)^3, so early steps follow the
+    raw weights and late ones average over many steps; after step T the weights are the average.
+
+        optimizer = Lookahead(optimizer_for(recipe, model), model, total_steps=epochs * len(loader))
+
+    It steps, zeroes and checkpoints like the optimizer it wraps (state_dict includes the average).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, total_steps: int, every: int = 5,
+                 decay: float = 0.95):
+        require_whole("total_steps", total_steps)
+        self.optimizer, self.model, self.total, self.every, self.decay = optimizer, model, total_steps, every, decay
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.pull(self.decay ** self.every * (self.steps / self.total) ** 3)
+        if self.steps == self.total:
+            self.pull(1.0)                       # the end: the weights become the average
+
+    @torch.no_grad()
+    def pull(self, decay: float) -> None:
+        """average <- decay * average + (1 - decay) * weights; then weights <- average."""
+        state = self.model.state_dict()
+        for name, average in self.average.items():
+            average.lerp_(state[name], 1 - decay)
+            state[name].copy_(average)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "average": self.average, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)
+        self.steps = state["steps"]
+
+
 def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | None = None, *,
-              epochs: int = 24, steps_per_epoch: int = 98, peak_epoch: int = 5):
+              epochs: int = 24, steps_per_epoch: int = 98, peak_epoch: int = 5, lr_start: float | None = None):
     """Seed 001's OneCycle policy: torch's OneCycleLR, stepped once per batch.
 
     The LR rises linearly from lr_min (default lr_max / 10) at step 0 to lr_max on the last
     step of epoch `peak_epoch`, then falls linearly back to lr_min on the very last step.
     Nothing goes below lr_min ("no annihilation"). At batch 512 on 50,000 images:
     98 steps per epoch, 2,352 in all, the peak at step 489 (the end of epoch 5).
+    `lr_start` starts the cycle elsewhere (airbench94's triangle: 0.2 x lr_max up, 0.07 x down).
+    A parameter group with an "lr_scale" (optimizer_for) follows the same cycle at that multiple.
     """
     for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("peak_epoch", peak_epoch)):
         require_whole(name, v)
     require_positive("lr_max", lr_max, " (try the LR finder's suggestion)")
     lr_min = lr_max / 10 if lr_min is None else lr_min
-    require_positive("lr_min", lr_min)
-    if lr_min > lr_max:
-        raise ConfigError(f"lr_min {lr_min:g} is above lr_max {lr_max:g}: swap them")
+    lr_start = lr_min if lr_start is None else lr_start
+    for name, lr in (("lr_min", lr_min), ("lr_start", lr_start)):
+        require_positive(name, lr)
+        if lr > lr_max:
+            raise ConfigError(f"{name} {lr:g} is above lr_max {lr_max:g}: lower it")
     check_peak(peak_epoch, epochs)
     if peak_epoch * steps_per_epoch < 2:         # OneCycleLR divides by the length of the way up
         raise ConfigError(f"OneCycle needs at least 2 steps up to its peak, but {steps_per_epoch} step(s) per epoch "
@@ -76,10 +146,11 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | N
     # A cycle that peaks on its very last step has no way down; OneCycleLR still needs a
     # second phase, so it gets one extra step that no batch ever uses.
     total_steps = total + (peak_epoch == epochs)
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr_max, total_steps=total_steps,
+        optimizer, max_lr=lr_max if scales == [1.0] else [lr_max * k for k in scales], total_steps=total_steps,
         pct_start=peak_epoch * steps_per_epoch / total_steps,   # the peak: step peak_epoch*steps - 1
         anneal_strategy="linear", three_phase=False,
-        div_factor=lr_max / lr_min,   # start at lr_min ...
-        final_div_factor=1.0,         # ... and end there: no annihilation
+        div_factor=lr_max / lr_start,         # start at lr_start ...
+        final_div_factor=lr_start / lr_min,   # ... and end at lr_min: no annihilation below it
         cycle_momentum=False)         # cycling momentum would change Adam's beta1

@@ -88,7 +88,7 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.T
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     x, y = to_device(images, device, options.channels_last), labels.to(device)
-    optimizer = optimizer_for(recipe, model.parameters())
+    optimizer = optimizer_for(recipe, model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     quiet = RunOptions(str(device), options.amp, options.channels_last, progress=False)
     scaler = grad_scaler(device, options.amp)       # one for every step, as in training (fp16 only)

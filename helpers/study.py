@@ -54,6 +54,25 @@ FAST_VARIANTS = {
 }
 # (test-time augmentation changes no training: notebook 06 evaluates one run with and without it)
 
+# airbench94's ingredients on the fast net (issue 24): its settings, then each left out in turn, at
+# full length (10 epochs on 45,000 images, scored on 5,000 held-out training images)
+_A = config.AIRBENCH94
+FAST_INGREDIENT_VARIANTS = {
+    "fast recipe": ("fast", {}),
+    "airbench94's settings": ("fast", _A),
+    "- lookahead": ("fast", {**_A, "lookahead": False}),
+    "- alternating flips (random ones)": ("fast", {**_A, "augment": "flip-translate"}),
+    "- BN biases at 64x the LR": ("fast", {**_A, "bn_bias_lr": 1.0}),
+    "- frozen BN scales (learned)": ("fast", {**_A, "frozen_bn_scales": False}),
+    "- BN momentum 0.4 and eps 1e-12 (PyTorch's)": ("fast", {**_A, "bn_momentum": 0.1, "bn_eps": 1e-5}),
+    "- dirac initialisation": ("fast", {**_A, "dirac_init": False}),
+    "- whitening bias frozen after 3 epochs (always trained)": ("fast", {**_A, "whiten_bias_epochs": None}),
+    "- triangle 0.2 -> 1 -> 0.07 (the fast recipe's 1/50 -> 1 -> 1/50)": (
+        "fast", {**_A, "lr_start": None, "lr_min": _A["lr"] / 50}),
+    "- LR 1.5, momentum 0.85, decay 0.0153/11.5 (the fast recipe's)": (
+        "fast", {**_A, "lr": 0.6, "lr_start": 0.12, "lr_min": 0.042, "momentum": 0.9, "weight_decay": 5e-4}),
+}
+
 # Seed 003's unstated settings, found by measurement. The seed states 15 epochs, SGD's LR 0.001
 # and momentum 0.9, the VGG with dropout 0.5 and a test batch of 8; it leaves out the training
 # batch, the optimizer (its --momentum is "used by SGD/Adam (if used)") and the preprocessing.
@@ -107,12 +126,15 @@ STUDIES = {
     # the overfitting study's short setup, scored on 2,000 held-out training images
     "lr": Study("Seed 001's LR_MAX against the range test's suggestion", LR_VARIANTS, TRAIN_PER_CLASS,
                 TEST_PER_CLASS, EPOCHS, PEAK_EPOCH, config.REPO_ROOT / "results" / "lr_study.json"),
+    # the whole training set less 5,000 held-out images, the recipe's 10 epochs: each row is a full run
+    "fast-ingredients": Study("airbench94's ingredients on the fast net", FAST_INGREDIENT_VARIANTS, 4500, 500, 10, 2,
+                              config.REPO_ROOT / "results" / "fast_ingredients.json"),
 }
 
 
 # the recipe settings each row records
-ROW_SETTINGS = ("optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift", "augment",
-                "batch_size", "normalize")
+ROW_SETTINGS = ("seed", "optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift",
+                "augment", "batch_size", "normalize")
 
 
 def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
@@ -138,10 +160,10 @@ def study_data(data: CIFAR10Data, smoke: bool = False, study: str = "overfitting
 
 
 def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print,
-              only: list[str] | None = None, study: str = "overfitting") -> dict:
-    """Train every variant on the study's subset; return {"settings", "rows"}.
+              only: list[str] | None = None, study: str = "overfitting", seeds=(0,)) -> dict:
+    """Train every variant on the study's subset, once per seed; return {"settings", "rows"}.
 
-    Each row: the variant, its regularisers, the final train accuracy on the augmented
+    Each row: the variant, its seed and regularisers, the final train accuracy on the augmented
     batches (what a training log shows), train accuracy measured afterwards on the
     un-augmented training subset in eval mode, test accuracy, the gap, and seconds.
     """
@@ -156,11 +178,10 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
     sub = study_data(data, smoke, study)
     recipes = study_recipes(smoke, study)
     rows = []
-    for name, r in recipes.items():
-        if only and name not in only:
-            continue
+    runs = [(name, r.replace(seed=seed)) for name, r in recipes.items() for seed in seeds if not only or name in only]
+    for name, r in runs:
         t0 = time.perf_counter()
-        log(f"{name}: {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
+        log(f"{name} (seed {r.seed}): {len(sub.train_labels):,} train images, {r.epochs} epochs ...")
         row = {"variant": name, **{k: getattr(r, k) for k in ROW_SETTINGS}}
         try:
             run = train(r, sub, options, log=lambda *a, **k: None)
@@ -223,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, ...; default: the best available")
     p.add_argument("--smoke", action="store_true", help="a tiny version on a real-data subset, 1 epoch")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
-                   help="re-run these variants and replace their rows in --out")
+                   help="(re-)run these variants and put their rows into --out, keeping the others")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="run every variant once per seed")
     args = p.parse_args(argv)
     study = STUDIES[args.study]
     args.out = args.out or str(study.results.relative_to(config.REPO_ROOT))
@@ -234,17 +256,22 @@ def main(argv=None) -> int:
     print(options.describe())
     t0 = time.time()
     try:
-        result = run_study(load_cifar10(), options, smoke=args.smoke, only=args.only, study=args.study)
+        result = run_study(load_cifar10(), options, smoke=args.smoke, only=args.only, study=args.study,
+                           seeds=tuple(args.seeds))
     except CourseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
                   command=f"python -m helpers.study --study {args.study} --out {args.out}")
-    if args.only:                      # keep the other variants' rows (and their provenance)
+    if args.only and Path(args.out).is_file():     # keep the other rows (and their provenance)
         old = load_study(args.out)
-        new = {r["variant"]: {**r, "rerun": {k: result[k] for k in ("git", "date", "versions")}} for r in result["rows"]}
-        result = {**old, "rows": [new.get(r["variant"], r) for r in old["rows"]],
-                  "reruns": old.get("reruns", []) + [{"variants": args.only, **run_info(options.device)}]}
+        key = lambda r: (r["variant"], r.get("seed", 0))          # noqa: E731
+        new = {key(r): {**r, "rerun": {k: result[k] for k in ("git", "date", "versions")}} for r in result["rows"]}
+        rows = [new.pop(key(r), r) for r in old["rows"]] + list(new.values())
+        order = list(study.variants)
+        result = {**old, "rows": sorted(rows, key=lambda r: (order.index(r["variant"]), r.get("seed", 0))),
+                  "reruns": old.get("reruns", []) + [{"variants": args.only, "seeds": args.seeds,
+                                                      **run_info(options.device)}]}
     save_json(args.out, result)
     report = Path(args.out).with_suffix(".md")
     with atomic_write(report, "w") as f:
@@ -261,7 +288,7 @@ def markdown(result: dict) -> str:
 
     s, git = result["settings"], result["git"]
     held = "validation" if s.get("held_out") == "validation" else "test"
-    settings = {"optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
+    settings = {"seed": lambda r: r.get("seed", 0), "optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
                 "batch": lambda r: r.get("batch_size", s.get("batch_size")) or "-",
                 "input": lambda r: "normalised" if r.get("normalize", True) else "[0, 1]",
                 "augmentation": lambda r: r.get("augment", "seed001"), "dropout": lambda r: f"{r['dropout']:g}",
@@ -282,8 +309,28 @@ def markdown(result: dict) -> str:
         cells = [r["variant"], *(str(f(r)) for f in shown.values()), f"{r['train_acc']:.2%}",
                  f"{r['train_acc_augmented']:.2%}", f"{r['test_acc']:.2%}", f"{r['gap']:+.2%}", f"{r['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += seed_means(result["rows"], held)
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def seed_means(rows, held: str = "validation") -> list[str]:
+    """Markdown lines: each variant's mean held-out accuracy over its seeds with the standard
+    error of that mean (sample std / sqrt(seeds)); nothing when every variant ran once."""
+    import statistics
+
+    by_variant: dict[str, list[float]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r["test_acc"])
+    if all(len(v) < 2 for v in by_variant.values()):
+        return []
+    lines = ["", f"Mean over seeds ({held}; standard error of the mean):", "",
+             f"| variant | seeds | mean {held} | standard error |", "|---|---:|---:|---:|"]
+    for name, accs in by_variant.items():
+        se = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
+        lines.append(f"| {name} | {len(accs)} | {statistics.mean(accs):.2%} | "
+                     + (f"{se:.2%} |" if len(accs) > 1 else "- |"))
+    return lines
 
 
 if __name__ == "__main__":

@@ -100,3 +100,38 @@ def test_the_vgg_study_scores_on_held_out_training_images(real_data):
     recipes = study_recipes(smoke=False, study="vgg")
     assert [r.batch_size for r in recipes.values()] == [64, 32, 16, 8, 4, 64, 64]
     assert all(r.epochs == 15 and r.lr == 1e-3 and r.momentum == 0.9 for r in recipes.values())   # as stated
+
+
+def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_row():
+    recipes = study.study_recipes(smoke=False, study="fast-ingredients")
+    full, air = recipes["fast recipe"], recipes["airbench94's settings"]
+    assert (full.epochs, full.peak_epoch, full.batch_size) == (10, 2, 1024)
+    assert {k for k, v in air.to_dict().items() if v != full.to_dict()[k]} == set(config.AIRBENCH94)
+    changed = {name: {k for k, v in r.to_dict().items() if v != air.to_dict()[k]} for name, r in recipes.items()
+               if name.startswith("- ")}
+    assert changed["- lookahead"] == {"lookahead"}
+    assert changed["- BN momentum 0.4 and eps 1e-12 (PyTorch's)"] == {"bn_momentum", "bn_eps"}
+    assert changed["- triangle 0.2 -> 1 -> 0.07 (the fast recipe's 1/50 -> 1 -> 1/50)"] == {"lr_start", "lr_min"}
+    assert all(1 <= len(diff) <= 5 for diff in changed.values()), changed
+    assert len({frozenset(d) for d in changed.values()}) == len(changed) == 9     # no two rows alike
+    sub = study.study_data(_FakeData(), study="fast-ingredients")
+    assert sub == ("validation", 4500, 500)
+
+
+class _FakeData:
+    def validation_subset(self, train, val):
+        return ("validation", train, val)
+
+
+def test_seeds_give_one_row_each_and_a_mean_with_its_standard_error(small_data):
+    from helpers.hardware import RunOptions
+
+    result = study.run_study(small_data, RunOptions("cpu", fast_augment=True), smoke=True, log=lambda *a: None,
+                             only=["fast recipe"], study="fast", seeds=(0, 1))
+    rows = result["rows"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("fast recipe", 0), ("fast recipe", 1)]
+    assert rows[0]["test_acc"] != rows[1]["test_acc"] or rows[0]["train_acc"] != rows[1]["train_acc"]
+    rows = [{"variant": "a", "test_acc": acc} for acc in (0.90, 0.91, 0.92)] + [{"variant": "b", "test_acc": 0.5}]
+    lines = study.seed_means(rows)
+    assert "| a | 3 | 91.00% | 0.58% |" in lines and "| b | 1 | 50.00% | - |" in lines   # 0.01 / sqrt(3)
+    assert study.seed_means(rows[:1] + rows[3:]) == []

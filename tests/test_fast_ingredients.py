@@ -1,0 +1,184 @@
+"""airbench94's training ingredients, each an option of the fast recipe (issue 24): BatchNorm
+settings and frozen scales, dirac initialisation, a higher LR for BatchNorm biases, the
+triangular cycle, Lookahead, alternating flips and the whitening bias frozen after some
+epochs. Each is checked against its definition; a smoke run with all of them trains, reloads
+to the same answers and resumes exactly."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import config, engine, hardware, loaders, optim
+from helpers.checkpoint import load_model, save_checkpoint
+from helpers.errors import ConfigError
+from helpers.models import dirac_init, get_model, init_whitening, set_batchnorm
+
+AIRBENCH = {**config.AIRBENCH94, "whiten_bias_epochs": 1}     # smoke runs last 2 epochs
+
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_batchnorm_settings_and_frozen_scales():
+    torch.manual_seed(0)
+    model = set_batchnorm(get_model("fast"), momentum=0.4, eps=1e-12, frozen_scales=True)
+    assert len(batchnorms(model)) == 6
+    assert all(bn.momentum == 0.4 and bn.eps == 1e-12 and not bn.weight.requires_grad for bn in batchnorms(model))
+    bn = model.groups[0][2]
+    x = torch.randn(8, 64, 6, 6) * 3 + 2
+    bn.train()(x)                                   # running = 0.6 * 0 + 0.4 * the batch mean
+    assert torch.allclose(bn.running_mean, 0.4 * x.mean((0, 2, 3)), atol=1e-6)
+    init_whitening(model, torch.randn(16, 3, 32, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    biases = bn.bias.clone()
+    nn.functional.cross_entropy(model.train()(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
+    optimizer.step()
+    assert torch.equal(bn.weight, torch.ones(64)) and not torch.equal(bn.bias, biases)
+
+
+def test_dirac_init_passes_each_convs_input_through():
+    torch.manual_seed(0)
+    model = dirac_init(get_model("fast"))
+    for conv in (model.groups[1][0], model.groups[2][4]):          # 64 -> 256 and 256 -> 256
+        x = torch.randn(2, conv.in_channels, 7, 7)
+        out = conv(x)
+        assert torch.allclose(out[:, :conv.in_channels], x, atol=1e-6)
+    assert model.whiten.weight.abs().sum() > 0                       # the 2x2 whitening conv is left alone
+    fresh = get_model("fast")
+    assert not torch.allclose(model.groups[1][0].weight[64:], fresh.groups[1][0].weight[64:])  # other seeds' draws
+
+
+def test_batchnorm_biases_follow_the_cycle_at_k_times_the_lr():
+    r = config.recipe("fast", bn_bias_lr=64.0, lr_start=0.3, lr_min=0.105, lr=1.5, weight_decay=1e-3)
+    model = get_model("fast")
+    optimizer = optim.optimizer_for(r, model)
+    others, biases = optimizer.param_groups
+    assert {id(p) for p in biases["params"]} == {id(bn.bias) for bn in batchnorms(model)}
+    assert len(others["params"]) + len(biases["params"]) == len(list(model.parameters()))
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+    scheduler = optim.one_cycle(optimizer, r.lr, r.lr_min, lr_start=r.lr_start, epochs=10, steps_per_epoch=49,
+                                peak_epoch=2)
+    lrs = []
+    for _ in range(490):
+        lrs.append((others["lr"], biases["lr"]))
+        optimizer.step()
+        scheduler.step()
+    lr, bias_lr = np.array(lrs).T
+    np.testing.assert_allclose(bias_lr, 64 * lr, rtol=1e-9)
+    assert lr[0] == pytest.approx(0.3) and lr.max() == pytest.approx(1.5) and lr[-1] == pytest.approx(0.105)
+    assert lr.argmax() == 2 * 49 - 1                                 # the peak: the end of epoch 2
+    with pytest.raises(ConfigError, match="bn_bias_lr: options of the fast net only"):
+        config.recipe("resnet9", bn_bias_lr=64.0)
+
+
+def test_lookahead_equals_its_definition_and_resumes_exactly():
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    data = [(torch.randn(16, 4, generator=torch.Generator().manual_seed(i)), torch.arange(16) % 3) for i in range(12)]
+
+    def train(model, optimizer, batches):
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model, sgd = make()                     # by hand: every 5 steps, average and weights meet
+    average = copy.deepcopy(model.state_dict())
+    for step, batch in enumerate(data, 1):
+        train(model, sgd, [batch])
+        decays = ([0.95 ** 5 * (step / 12) ** 3] if step % 5 == 0 else []) + ([1.0] if step == 12 else [])
+        for decay in decays:
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    average[name] = decay * average[name] + (1 - decay) * value
+                    value.copy_(average[name])
+    model2, sgd2 = make()
+    look = optim.Lookahead(sgd2, model2, total_steps=12)
+    train(model2, look, data)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(model2.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+    model3, sgd3 = make()                   # stopped after 7 steps, rebuilt, resumed from the state
+    look3 = optim.Lookahead(sgd3, model3, total_steps=12)
+    train(model3, look3, data[:7])
+    state = copy.deepcopy((model3.state_dict(), look3.state_dict()))
+    model4, sgd4 = make()
+    model4.load_state_dict(state[0])
+    look4 = optim.Lookahead(sgd4, model4, total_steps=12)
+    look4.load_state_dict(state[1])
+    train(model4, look4, data[7:])
+    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model4.state_dict().items())
+
+
+def test_alternating_flips_mirror_each_image_on_alternate_epochs(small_data):
+    images, labels = small_data.train_images[:300], small_data.train_labels[:300]
+    loader = loaders.DeviceLoader(images, labels, 64, stats=(small_data.mean, small_data.std), device="cpu",
+                                  augment="altflip-translate", seed=3)
+    index = {bytes(img): i for i, img in enumerate(images)}
+    assert len(index) == len(images)
+    seen, apply = {}, loader.augment.apply
+
+    def record(x, params):
+        for img, flip in zip(x.numpy(), params["flip"].tolist()):
+            seen.setdefault(index[bytes(img)], []).append(flip)
+        return apply(x, params)
+
+    loader.augment.apply = record
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        list(loader)
+    flips = np.array([seen[i] for i in range(len(images))])          # (images, epochs)
+    assert flips.shape == (300, 4)
+    assert (flips[:, 1] != flips[:, 0]).all() and (flips[:, 2] == flips[:, 0]).all() and (flips[:, 3] == flips[:, 1]).all()
+    assert 0.4 < flips[:, 0].mean() < 0.6                            # a random half in epoch 0
+    r = config.recipe("fast", smoke=True, augment="altflip-translate")
+    with pytest.raises(ConfigError, match="only the on-device loader does: add --fast-augment"):
+        loaders.build_loaders(r, small_data, hardware.RunOptions("cpu", fast_augment=False))
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays(small_data):
+    r = config.recipe("fast", smoke=True, epochs=3, whiten_bias_epochs=1)
+    hardware.seed_everything(r.seed)
+    model = engine.build_model(r, small_data)
+    start, snapshots = model.whiten.bias.clone(), []
+    train_loader, eval_loader, _ = loaders.build_loaders(r, small_data, hardware.RunOptions("cpu", fast_augment=True))
+    optimizer = optim.optimizer_for(r, model)
+    extras = engine.FitOptions(log=lambda line: snapshots.append(model.whiten.bias.detach().clone()))
+    engine.fit(model, train_loader, eval_loader, optimizer=optimizer, epochs=3, options=hardware.RunOptions("cpu"),
+               extras=extras)
+    assert len(snapshots) == 3 and not torch.equal(snapshots[0], start)
+    assert torch.equal(snapshots[1], snapshots[0]) and torch.equal(snapshots[2], snapshots[0])
+    assert not model.whiten.bias.requires_grad
+
+
+def test_all_ingredients_train_reload_and_resume_exactly(small_data, tmp_path):
+    r = config.recipe("fast", smoke=True, epochs=2, **AIRBENCH)
+    options = hardware.RunOptions("cpu", fast_augment=True, progress=True)
+    run = engine.train(r, small_data, options, checkpoint_path=tmp_path / "full.pt", log=lambda line: None)
+    assert run["test"]["acc"] > 0.2 and all(np.isfinite(run["history"]["train_loss"]))
+    assert [bn.eps for bn in batchnorms(run["model"])] == [1e-12] * 6
+    path = save_checkpoint(tmp_path / "fast.pt", run["model"], "fast", config=r.to_dict())
+    loaded, _ = load_model(path)
+    assert all(bn.eps == 1e-12 for bn in batchnorms(loaded))        # rebuilt with the recipe's eps
+    x = torch.as_tensor(small_data.test_images[:64]).permute(0, 3, 1, 2).float()
+    from helpers.augment import normalize_batch
+    x = normalize_batch(x, small_data.mean, small_data.std)
+    assert torch.equal(loaded(x), run["model"].eval()(x))
+
+    calls = []
+
+    def stop_in_second_epoch(line):             # raised before epoch 2's checkpoint: the file holds epoch 1
+        calls.append(line)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", log=stop_in_second_epoch)
+    resumed = engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
+                           log=lambda line: None)
+    assert resumed["history"]["eval_acc"] == run["history"]["eval_acc"]
+    assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())
