@@ -201,7 +201,10 @@ RECIPES: dict[str, Recipe] = {
 # to the fast recipe, in this course's units. Its LR 11.5 and weight decay 0.0153, "per 1,024
 # examples" on a summed loss with momentum 0.85, are on PyTorch's mean loss at batch 1,024 SGD's
 # LR 11.5 / (1 + 1 / (1 - 0.85)) = 1.5 and weight decay 0.0153 / 11.5; its triangular cycle runs
-# 0.2 -> 1 -> 0.07 of the peak (at 23 %: here the end of epoch 2 of 10). The net is already the same.
+# 0.2 -> 1 -> 0.07 of the peak. The net is already the same. Still different (checked against the
+# package's source): its peak comes at 23 % of the steps (here the end of epoch 2 of 10: 20 %); it
+# trains 9.9 epochs, dropping each epoch's short last batch (476 steps; here 490); its whitening
+# uses uncentred patches and a zero bias; its TTA weighs the unshifted pair 1/2 (here all views alike).
 AIRBENCH94 = dict(lr=1.5, lr_start=0.2 * 1.5, lr_min=0.07 * 1.5, momentum=0.85, weight_decay=0.0153 / 11.5,
                   bn_bias_lr=64.0, frozen_bn_scales=True, bn_momentum=0.4, bn_eps=1e-12, dirac_init=True,
                   lookahead=True, whiten_bias_epochs=3, augment="altflip-translate")
