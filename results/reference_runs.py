@@ -190,7 +190,8 @@ def readme_text(path: Path) -> str:
              "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
              "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
-             "recipe: the first reading (batch 64) run by the command line on a CPU, and the measured reading (batch 16).",
+             "recipe: the first reading (batch 64) and the measured reading (batch 16, 78.88 %, shipped at rank 384), "
+             "each run by the command line on a CPU.",
              "- `vgg_settings_study.md`/`.json`: seed 003's unstated settings (training batch, optimizer, input "
              "scaling) in short runs scored on a validation split (`python -m helpers.study --study vgg`).",
              "- `lr_study.md`/`.json`: seed 001's LR_MAX against notebook 03's range-test suggestion, short runs "

@@ -344,6 +344,7 @@ SHIPPED = {   # file -> (architecture, size limit in MB, least accuracy on the s
     "resnet9_cifar10.pt": ("resnet9", 14, 0.88),     # seed 001's recipe, notebook 04's full run
     "fast_cifar10.pt": ("fast", 5, 0.86),            # the fast recipe, seed 1
     "compact_cifar10.pt": ("compact", 3, 0.84),      # seed 004's recipe, its CLI run
+    "vgg_cifar10.pt": ("vgg", 15, 0.74),             # seed 003's recipe (batch 16), rank-384 fp16 export
 }
 
 
