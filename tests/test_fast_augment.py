@@ -427,8 +427,8 @@ def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
 
     data = small_data.subset(20, 10)                     # 200 train, 100 test real images
     calls = []
-    original = aug.BatchAugment.__call__
-    monkeypatch.setattr(aug.BatchAugment, "__call__", lambda self, x, g=None: calls.append(len(x)) or original(self, x, g))
+    original = aug.BatchAugment.apply
+    monkeypatch.setattr(aug.BatchAugment, "apply", lambda self, x, params: calls.append(len(x)) or original(self, x, params))
     options = hardware.RunOptions(device="cpu", fast_augment=True, progress=False)
 
     def run():
