@@ -139,7 +139,8 @@ class Recipe:
                               f"{self.bn_eps!r}: try PyTorch's 0.1 and 1e-5")
         if self.whiten_bias_epochs is not None:
             require_whole("whiten_bias_epochs", self.whiten_bias_epochs, minimum=0)
-        changed = [name for name, off in FAST_ONLY.items() if getattr(self, name) != off]
+        off = {f.name: f.default for f in dataclasses.fields(Recipe)}          # the defaults: all off
+        changed = [name for name in FAST_ONLY if getattr(self, name) != off[name]]
         if changed and self.model != "fast":
             raise ConfigError(f"{', '.join(changed)}: options of the fast net only, not {self.model}")
 
@@ -151,9 +152,8 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# the fast net's ingredients and their "off" values (Recipe.validate refuses them on other models)
-FAST_ONLY = {"bn_bias_lr": 1.0, "frozen_bn_scales": False, "bn_momentum": 0.1, "bn_eps": 1e-5, "dirac_init": False,
-             "lookahead": False, "whiten_bias_epochs": None}
+# the fast net's ingredients: Recipe.validate refuses any of them changed from its default on other models
+FAST_ONLY = ("bn_bias_lr", "frozen_bn_scales", "bn_momentum", "bn_eps", "dirac_init", "lookahead", "whiten_bias_epochs")
 
 
 # ----------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class Lookahead:
         """average <- decay * average + (1 - decay) * weights; then weights <- average."""
         state = self.model.state_dict()
         for name, average in self.average.items():
+            if average.device != state[name].device:      # the model moved (fit places it) since __init__
+                average = self.average[name] = average.to(state[name].device)
             average.lerp_(state[name], 1 - decay)
             state[name].copy_(average)
 

@@ -40,14 +40,15 @@ def test_batchnorm_settings_and_frozen_scales():
 
 def test_dirac_init_passes_each_convs_input_through():
     torch.manual_seed(0)
-    model = dirac_init(get_model("fast"))
+    before = get_model("fast")
+    model = dirac_init(copy.deepcopy(before))
     for conv in (model.groups[1][0], model.groups[2][4]):          # 64 -> 256 and 256 -> 256
         x = torch.randn(2, conv.in_channels, 7, 7)
         out = conv(x)
         assert torch.allclose(out[:, :conv.in_channels], x, atol=1e-6)
-    assert model.whiten.weight.abs().sum() > 0                       # the 2x2 whitening conv is left alone
-    fresh = get_model("fast")
-    assert not torch.allclose(model.groups[1][0].weight[64:], fresh.groups[1][0].weight[64:])  # other seeds' draws
+    assert not torch.allclose(before.groups[1][0].weight[:64], model.groups[1][0].weight[:64])
+    assert torch.equal(model.groups[1][0].weight[64:], before.groups[1][0].weight[64:])   # the other filters keep
+    assert torch.equal(model.whiten.weight, before.whiten.weight)   # theirs; the 2x2 whitening conv is left alone
 
 
 def test_batchnorm_biases_follow_the_cycle_at_k_times_the_lr():
