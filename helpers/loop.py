@@ -178,29 +178,49 @@ def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch
     return views + [v.flip(3) for v in views] if flip else views
 
 
+# how much of the vote the unshifted views (the image and its mirror) get when shifted copies
+# are averaged in too: 1/3 weighs all six views alike; airbench94 gives them 1/2 and each
+# shifted pair 1/4 (the shifted copies lose a row and a column to reflection)
+CENTRE_WEIGHT = 1 / 3
+
+
+def tta_weights(flip: bool = False, shift: int = 0, centre: float = CENTRE_WEIGHT) -> torch.Tensor:
+    """The weight of each view of `tta_views`, in its order; they sum to 1."""
+    w = torch.tensor([centre, (1 - centre) / 2, (1 - centre) / 2] if shift else [1.0])
+    return torch.cat([w, w]) / 2 if flip else w
+
+
 def tta_label(flip: bool, shift: int) -> str:
     """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none'."""
     return " + ".join(["flip"] * bool(flip) + [f"{shift} px shifts"] * bool(shift)) or "none"
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels_last: bool = False,
-                   tta_flip: bool = False, tta_shift: int = 0, progress: bool = False,
-                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) for every batch of `loader`, run on the model's device, returned on the
-    CPU in loader order. tta_flip / tta_shift average the logits over the views of `tta_views`
-    (the mirror image, copies shifted by a few pixels)."""
+def view_logits(model: nn.Module, loader, *, amp: str | None = None, channels_last: bool = False,
+                tta_flip: bool = False, tta_shift: int = 0, progress: bool = False,
+                desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of every view of `tta_views`, stacked: views x images x classes; labels) over
+    `loader`, run on the model's device, returned on the CPU in loader order."""
     device = next(model.parameters()).device
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
-            views = tta_views(x, tta_flip, tta_shift)
-            out = sum(model(v).float() for v in views) / len(views)
-        logits.append(out.cpu())
+            logits.append(torch.stack([model(v).float() for v in tta_views(x, tta_flip, tta_shift)]).cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits, 1), torch.cat(labels)
+
+
+def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels_last: bool = False,
+                   tta_flip: bool = False, tta_shift: int = 0, progress: bool = False,
+                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for every image of `loader`, in loader order, on the CPU. tta_flip /
+    tta_shift average the logits over the views of `tta_views` (the mirror image, copies shifted
+    by a few pixels), weighted by `tta_weights`."""
+    views, labels = view_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
+                                tta_shift=tta_shift, progress=progress, desc=desc)
+    return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift), views), labels
 
 
 def evaluate(model: nn.Module, loader, *, loss_fn=None, amp: str | None = None, channels_last: bool = False,

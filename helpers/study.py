@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import config
 from .config import Recipe
 from .data import CIFAR10Data
@@ -190,9 +192,11 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
                          "diverged": str(e), "seconds": time.perf_counter() - t0})
             log(f"  diverged: {e}")
             continue
-        clean = build_loaders(r.replace(augment="none"), sub)[0]   # training images, no augmentation
+        clean, _, held_out = build_loaders(r.replace(augment="none"), sub)   # no augmentation
         train_acc = evaluate(run["model"], clean, tta_flip=r.tta_flip, tta_shift=r.tta_shift, progress=False)["acc"]
         test_acc = run["test"]["acc"]
+        if r.tta_flip and r.tta_shift:           # the TTA choice, made on the held-out images
+            row["tta_acc"] = tta_readings(run["model"], held_out, r.tta_shift)
         rows.append({**row, "train_acc_augmented": run["history"]["train_acc"][-1],
                      "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
                      "held_out_acc_per_epoch": [round(a, 4) for a in run["history"]["eval_acc"]],
@@ -203,6 +207,19 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
                 "batch_size": next(iter(recipes.values())).batch_size, "source": sub.source,
                 "smoke": bool(smoke)}
     return {"settings": settings, "rows": rows}
+
+
+def tta_readings(model, loader, shift: int = 1) -> dict:
+    """Held-out accuracy of one trained model under each test-time augmentation: none, the
+    mirror image, and the mirror with shifted copies, weighted alike or with 1/2 on the
+    unshifted pair (airbench94's weighting)."""
+    from .loop import tta_weights, view_logits
+
+    views, labels = view_logits(model, loader, tta_flip=True, tta_shift=shift)    # x, -s, +s, then mirrored
+    weights = {"none": torch.tensor([1.0, 0, 0, 0, 0, 0]), "flip": torch.tensor([0.5, 0, 0, 0.5, 0, 0]),
+               "6 views alike": tta_weights(True, shift, 1 / 3), "6 views, centre 1/2": tta_weights(True, shift, 1 / 2)}
+    return {name: (torch.einsum("v,vnc->nc", w, views).argmax(1) == labels).float().mean().item()
+            for name, w in weights.items()}
 
 
 RESULTS = STUDIES["overfitting"].results
@@ -309,9 +326,22 @@ def markdown(result: dict) -> str:
         cells = [r["variant"], *(str(f(r)) for f in shown.values()), f"{r['train_acc']:.2%}",
                  f"{r['train_acc_augmented']:.2%}", f"{r['test_acc']:.2%}", f"{r['gap']:+.2%}", f"{r['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += seed_means(result["rows"], held)
+    lines += seed_means(result["rows"], held) + tta_table(result["rows"], held)
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def tta_table(rows, held: str = "validation") -> list[str]:
+    """Markdown lines: each run's held-out accuracy under each test-time augmentation
+    (rows measured with `tta_readings`), for choosing the TTA on held-out images."""
+    rows = [r for r in rows if "tta_acc" in r]
+    if not rows:
+        return []
+    names = list(rows[0]["tta_acc"])
+    lines = ["", f"Test-time augmentation, {held} accuracy of each run:", "",
+             "| variant | seed | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    return lines + [f"| {r['variant']} | {r.get('seed', 0)} | " + " | ".join(f"{r['tta_acc'][n]:.2%}" for n in names)
+                    + " |" for r in rows]
 
 
 def seed_means(rows, held: str = "validation") -> list[str]:

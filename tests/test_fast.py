@@ -230,6 +230,13 @@ def test_tta_views_and_averaged_logits():
         expected = sum(model(v) for v in views) / 6
         plain = model(x)
     assert torch.allclose(logits, expected, atol=1e-4) and not torch.allclose(logits, plain, atol=1e-3)
+    weights = loop.tta_weights(True, 1, centre=1 / 2)   # airbench94's: 1/4 each unshifted view, 1/8 each shifted
+    assert weights.tolist() == [1 / 4, 1 / 8, 1 / 8, 1 / 4, 1 / 8, 1 / 8]
+    assert loop.tta_weights(True, 0).tolist() == [1 / 2, 1 / 2] and loop.tta_weights().tolist() == [1.0]
+    views_logits, _ = loop.view_logits(model, loader, tta_flip=True, tta_shift=1)
+    with torch.no_grad():
+        assert torch.allclose(views_logits[3], model(x.flip(3)), atol=1e-5)
+    assert torch.allclose(torch.einsum("v,vnc->nc", loop.tta_weights(True, 1), views_logits), logits, atol=1e-5)
 
 
 def test_fast_recipe_settings_and_checks():

@@ -72,9 +72,14 @@ def test_smoke_fast_ablation_runs_on_real_images(small_data):
                              only=["fast recipe", "no label smoothing"], study="fast")
     assert [r["variant"] for r in result["rows"]] == ["fast recipe", "no label smoothing"]
     assert result["settings"]["study"] == "fast" and result["rows"][0]["tta_shift"] == 1
-    table = [line for line in study.markdown(
-        {**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu", "versions": {"torch": "x"},
-         "date": "today", "wall_seconds": 1.0}).splitlines() if line.startswith("|")]
+    tta = result["rows"][0]["tta_acc"]            # every TTA read off the same held-out logits
+    assert list(tta) == ["none", "flip", "6 views alike", "6 views, centre 1/2"]
+    assert tta["6 views alike"] == pytest.approx(result["rows"][0]["test_acc"], abs=2 / 100)   # the recipe's own
+    assert tta["none"] == pytest.approx(result["rows"][0]["held_out_acc_per_epoch"][-1], abs=2 / 100)
+    page = study.markdown({**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu",
+                           "versions": {"torch": "x"}, "date": "today", "wall_seconds": 1.0})
+    assert "| fast recipe | 0 | " + f"{tta['none']:.2%}" in page
+    table = [line for line in page.split("\n\n")[2].splitlines() if line.startswith("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head[:2] == ["variant", "label smoothing"] and "optimizer" not in head   # only what differs
     assert [c.strip() for c in table[2].strip("|").split("|")][:2] == ["fast recipe", "0.2"]
