@@ -242,7 +242,8 @@ def test_tta_views_and_averaged_logits():
 def test_fast_recipe_settings_and_checks():
     r = config.recipe("fast", smoke=False)
     assert (r.model, r.optimizer, r.nesterov, r.batch_size, r.label_smoothing) == ("fast", "sgd", True, 1024, 0.2)
-    assert (r.augment, r.tta_flip, r.tta_shift) == ("flip-translate", True, 1)
+    assert (r.augment, r.tta_flip, r.tta_shift) == ("altflip-translate", True, 1)
+    assert (r.lr, r.lr_start, r.momentum, r.bn_bias_lr, r.lookahead) == (1.5, 0.3, 0.85, 64.0, True)   # airbench94's
     with pytest.raises(Exception, match="tta_shift must be a whole number of pixels in 0..4"):
         config.recipe("fast", smoke=False, tta_shift=7)
 

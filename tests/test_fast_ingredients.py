@@ -15,7 +15,7 @@ from helpers.checkpoint import load_model, save_checkpoint
 from helpers.errors import ConfigError
 from helpers.models import dirac_init, get_model, init_whitening, set_batchnorm
 
-AIRBENCH = {**config.AIRBENCH94, "whiten_bias_epochs": 1}     # smoke runs last 2 epochs
+AIRBENCH = {"whiten_bias_epochs": 1}     # the fast recipe has them all; smoke runs last 2 epochs
 
 def batchnorms(model):
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
