@@ -63,7 +63,7 @@ def run_recipe(name: str, data, load_s: float, smoke: bool, **changes) -> dict:
     t0 = time.perf_counter()
     run = engine.train(r, data, opts)
     train_s = now(t0)
-    test = build_loaders(r, data)[2]
+    test = build_loaders(r, data, opts)[2]
     acc = {label: loop.evaluate(run["model"], test, amp=opts.amp, channels_last=opts.channels_last,
                                 tta_flip=flip, tta_shift=shift, progress=False)["acc"]
            for label, flip, shift in (("plain", False, 0), ("flip", True, 0), ("recipe_tta", r.tta_flip, r.tta_shift))}
