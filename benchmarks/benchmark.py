@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
-from helpers import augment, hardware, loop, optim  # noqa: E402
+from helpers import augment, engine, hardware, loop, optim  # noqa: E402
 from helpers.config import recipe  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
 from helpers.loaders import DeviceLoader, make_loader  # noqa: E402
-from helpers.models import MODELS, get_model  # noqa: E402
+from helpers.models import MODELS  # noqa: E402
 from helpers.runinfo import emit, public_command, run_info  # noqa: E402
 
 DEFAULTS = dict(data_batch=512, workers=[0, 1, 2, 4, 8, 16])   # then AUTO by device, then DRY_RUN; flags win
@@ -66,7 +66,7 @@ def model_cases(args, data, device, kind):
     for name, precision, layout in itertools.product(args.models, args.precisions, args.layouts):
         r, cl, amp = recipe(name, smoke=False), layout == "channels_last", "bf16" if precision == "bf16" else None
         torch.manual_seed(0)
-        model = get_model(name, dropout=r.dropout).to(device)
+        model = engine.build_model(r, data).to(device)    # the fast net whitened from the data, as in training
         model = model.to(memory_format=torch.channels_last) if cl else model
         if kind == "train":
             optimizer = optim.optimizer_for(r, model)
