@@ -233,13 +233,19 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
     assert Path(printed(r"^saved plot: (.+)$", proc.stdout)) == tmp_path / "probs.png"
     assert_png(tmp_path / "probs.png")
 
-    # the printed probabilities are the model's, on the image normalised with the checkpoint's stats
+    # the printed probabilities are the model's, on the image normalised with the checkpoint's stats,
+    # averaged over the test-time augmentation its recipe tests with (the fast net's six views)
     from PIL import Image
+
+    from helpers import loop
+    from helpers.checkpoint import inference_settings
 
     model, ckpt = load_model(trained.final)
     x = test_transforms(ckpt["mean"], ckpt["std"])(image=np.asarray(Image.open(images[0])))["image"]
+    tta = inference_settings(ckpt)[0]
     with torch.no_grad():
-        p = model(x[None]).softmax(1)[0].numpy()
+        views = torch.stack([model(v) for v in loop.tta_views(x[None], tta["tta_flip"], tta["tta_shift"])])
+        p = torch.einsum("v,vnc->nc", loop.tta_weights(tta["tta_flip"], tta["tta_shift"]), views).softmax(1)[0].numpy()
     expected = [(CLASSES[i], float(p[i])) for i in np.argsort(-p)[:3]]
     got = _top_k(proc.stdout, images[0])
     assert [c for c, _ in got] == [c for c, _ in expected]
