@@ -148,9 +148,9 @@ def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, 
         batch = changes.get("batch_size", s.batch_size) or config.RECIPES[base].batch_size
         if smoke:
             batch = min(batch, config.SMOKE_BATCH_SIZE)
-        recipes[name] = config.recipe(base, smoke=False, **{
-            **changes, "epochs": epochs, "peak_epoch": min(s.peak_epoch, epochs), "batch_size": batch,
-            "test_batch_size": 256})                   # the evaluation batch changes no number, only the time
+        variant = dataclasses.replace(config.recipe(base, smoke=False), **changes)  # None is a value here
+        recipes[name] = variant.replace(epochs=epochs, peak_epoch=min(s.peak_epoch, epochs), batch_size=batch,
+                                        test_batch_size=256).validate()   # the eval batch changes only the time
     return recipes
 
 

@@ -113,11 +113,13 @@ def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_ro
     assert (full.epochs, full.peak_epoch, full.batch_size) == (10, 2, 1024)
     assert {k for k, v in first.to_dict().items() if v != full.to_dict()[k]} == set(config.FIRST_FAST)
     assert (first.lr, first.momentum, first.augment, first.lookahead) == (0.6, 0.9, "flip-translate", False)
+    assert (first.lr_start, first.whiten_bias_epochs) == (None, None)       # a variant's None is kept, not ignored
     changed = {name: {k for k, v in r.to_dict().items() if v != full.to_dict()[k]} for name, r in recipes.items()
                if name.startswith("- ")}
     assert changed["- lookahead"] == {"lookahead"}
     assert changed["- BN momentum 0.4 and eps 1e-12 (PyTorch's)"] == {"bn_momentum", "bn_eps"}
     assert changed["- triangle 0.2 -> 1 -> 0.07 (1/50 -> 1 -> 1/50)"] == {"lr_start", "lr_min"}
+    assert changed["- whitening bias frozen after 3 epochs (always trained)"] == {"whiten_bias_epochs"}
     assert all(1 <= len(diff) <= 5 for diff in changed.values()), changed
     assert len({frozenset(d) for d in changed.values()}) == len(changed) == 9     # no two rows alike
     sub = study.study_data(_FakeData(), study="fast-ingredients")
