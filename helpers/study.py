@@ -218,7 +218,7 @@ def tta_readings(model, loader, shift: int = 1) -> dict:
     from .loop import tta_weights, view_logits
 
     views, labels = view_logits(model, loader, tta_flip=True, tta_shift=shift)    # x, -s, +s, then mirrored
-    weights = {"none": torch.tensor([1.0, 0, 0, 0, 0, 0]), "flip": torch.tensor([0.5, 0, 0, 0.5, 0, 0]),
+    weights = {"none": torch.eye(6)[0], "flip": tta_weights(True, shift, centre=1.0),   # the unshifted pair only
                "6 views alike": tta_weights(True, shift, 1 / 3), "6 views, centre 1/2": tta_weights(True, shift, 1 / 2)}
     return {name: (torch.einsum("v,vnc->nc", w, views).argmax(1) == labels).float().mean().item()
             for name, w in weights.items()}
