@@ -62,7 +62,7 @@ def model_cases(args, data, device, kind):
     """The train (or eval) step of each model, precision and layout, on one real batch."""
     b = args.train_batch if kind == "train" else args.eval_batch
     x, y = next(iter(DeviceLoader(data.train_images[:b], data.train_labels[:b], b, stats=(data.mean, data.std),
-                                  device=device, augment="seed001" if kind == "train" else "none")))
+                                  device=device, augment="crop-flip-cutout" if kind == "train" else "none")))
     for name, precision, layout in itertools.product(args.models, args.precisions, args.layouts):
         r, cl, amp = recipe(name, smoke=False), layout == "channels_last", "bf16" if precision == "bf16" else None
         torch.manual_seed(0)

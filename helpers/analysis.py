@@ -39,13 +39,14 @@ class Predictions:
 
 
 def predict(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, stats: tuple, batch_size: int = 512,
-            tta_flip: bool = False, tta_shift: int = 0, progress: bool = False) -> Predictions:
+            tta: dict | None = None, progress: bool = False) -> Predictions:
     """Run `model`, on its own device, over uint8 images normalised with stats = (mean, std), and
-    collect everything per image."""
+    collect everything per image. `tta`: predict_logits' tta_flip, tta_shift and tta_centre
+    (default: none; a checkpoint's: `checkpoint.inference_settings`)."""
     from .augment import test_transforms           # albumentations: imported only when used
 
     loader = make_loader(images, labels, test_transforms(*stats), batch_size=batch_size)
-    logits, y = predict_logits(model, loader, tta_flip=tta_flip, tta_shift=tta_shift, progress=progress)
+    logits, y = predict_logits(model, loader, **(tta or {}), progress=progress)
     losses = F.cross_entropy(logits, y, reduction="none")
     probs = logits.softmax(1)
     return Predictions(logits.numpy(), y.numpy(), probs.numpy(), logits.argmax(1).numpy(), losses.numpy())

@@ -98,7 +98,7 @@ def test_transforms(mean, std) -> A.Compose:
 test_transforms.__test__ = False  # a pipeline for the test split, not a pytest test
 
 
-def seed004_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIFT,
+def flip_shift_rotate_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIFT,
                        rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
     """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
 
@@ -124,7 +124,7 @@ def seed004_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIF
 # 32x32 crop); no cutout.
 # altflip-translate: the same shifts; which images are mirrored alternates epoch by epoch, which
 # only helpers.loaders.DeviceLoader (it knows each image and the epoch) can do.
-PRESETS = {"seed001": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0},
+PRESETS = {"crop-flip-cutout": {}, "flip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0},
            "altflip-translate": {"crop_p": 1.0, "pad": 2, "cutout_p": 0.0, "alternate_flips": True}}
 
 
@@ -133,13 +133,13 @@ def _device_only(mean, std, **options):
                       "loader does: add --fast-augment (or use flip-translate)")
 
 
-AUGMENTATIONS = {"seed001": train_transforms, "seed004": seed004_transforms, "none": test_transforms,
+AUGMENTATIONS = {"crop-flip-cutout": train_transforms, "flip-shift-rotate": flip_shift_rotate_transforms, "none": test_transforms,
                  "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"]),
                  "altflip-translate": _device_only}
 
 
 def transforms_for(name: str, mean, std, **options) -> A.Compose:
-    """The training pipeline called `name` ('seed001', 'seed004', 'flip-translate' or 'none')."""
+    """The training pipeline called `name` ('crop-flip-cutout', 'flip-shift-rotate', 'flip-translate' or 'none')."""
     if name not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {name!r}: choose {', '.join(AUGMENTATIONS)}")
     return AUGMENTATIONS[name](mean, std, **options)

@@ -182,11 +182,15 @@ EXPORT_KEYS = ("model_options", "mean", "std", "classes", "config", "metrics", "
 
 def inference_settings(ckpt: dict) -> tuple[dict, tuple | None]:
     """What a checkpoint says about testing its model: the test-time augmentation its recipe
-    tests with (helpers.analysis.predict's tta_flip and tta_shift), and the (mean, std) its inputs
-    are normalised with, or None when it records none."""
+    tests with (helpers.analysis.predict's `tta`: a recipe's `tta()`; a checkpoint older than
+    tta_centre weighed its views alike), and the (mean, std) its inputs are normalised with, or
+    None when it records none."""
+    from .config import TTA_ALIKE
+
     stats = (ckpt["mean"], ckpt["std"]) if ckpt.get("mean") is not None and ckpt.get("std") is not None else None
     recorded = ckpt.get("config") or {}
-    return {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0)}, stats
+    return {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0),
+            "tta_centre": float(recorded.get("tta_centre", TTA_ALIKE))}, stats
 
 
 def export_fp16(path, out, *, rank: int | None = None, svds: dict | None = None, **record) -> Path:
@@ -228,7 +232,7 @@ def check_resume(path, recipe) -> dict:
     """The training state at `path`, if a run of `recipe` may continue from it. Refused with a
     one-line error: another architecture or weights only (CheckpointError), or other settings
     (ConfigError: a resumed run must repeat the original settings to end identically)."""
-    from .config import Recipe
+    from .config import Recipe, current_augment
     from .errors import ConfigError
 
     ckpt = load_checkpoint(path)
@@ -240,6 +244,7 @@ def check_resume(path, recipe) -> dict:
                               f"{Path(path).parent / (recipe.model + '_last.pt')} or start a new run")
     # a field the checkpoint predates had its default value then
     saved, now = {**Recipe().to_dict(), **(ckpt.get("config") or {})}, recipe.to_dict()
+    saved["augment"] = current_augment(saved["augment"])                  # a checkpoint may use a former name
     diffs = setting_changes(saved, now, RESUME_FREE)
     if diffs:
         raise ConfigError(f"cannot resume {path} with other settings ({'; '.join(diffs)}): repeat the "

@@ -131,8 +131,8 @@ def _add_train(sub) -> None:
       "(default: 0 with the on-device augmentation, else 2)")
     a("--resume", metavar="PATH", help="continue the run saved in PATH, a <arch>_last.pt (default: start afresh)")
     # speed settings: what a flag says, else what helpers.hardware.auto_options picks for the device
-    a("--fast-augment", action=argparse.BooleanOptionalAction, help="the recipe's augmentation (seed001, "
-      "flip-translate) on whole uint8 batches on the device (default: on where the recipe's has that twin)")
+    a("--fast-augment", action=argparse.BooleanOptionalAction, help="the recipe's augmentation on whole uint8 "
+      "batches on the device (default: on where the recipe's has that twin: helpers.augment.PRESETS)")
     a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision. auto: bf16 on "
       "Ampere+ GPUs and on CPUs with AVX-512 BF16/AMX, fp16 with a grad scaler on older GPUs, else off (float32)")
     a("--channels-last", action=argparse.BooleanOptionalAction,
@@ -314,7 +314,7 @@ def _finish(args, r, rec, result, classes, device) -> None:
 
     folder, history, test, d = Path(args.checkpoints).expanduser(), result["history"], result["test"], rec["data"]
     _say(f"test accuracy: {test['acc']:.4f} (loss {test['loss']:.4f}) on {d['test_images']:,} images"
-         + _tta_text({"tta_flip": r.tta_flip, "tta_shift": r.tta_shift}).replace(", TTA:", " with TTA:", 1)
+         + _tta_text(r.tta()).replace(", TTA:", " with TTA:", 1)
          + f"; {rec['wall_seconds']:.1f} s")
     if args.serialize:
         checkpoint.save_checkpoint(rec["model_file"], result["model"], r.model, config=rec["config"],
@@ -335,7 +335,7 @@ def _tta_text(tta: dict) -> str:
     """', TTA: flip', ', TTA: flip + 1 px shifts' or '' without test-time augmentation."""
     from .loop import tta_label
 
-    return f", TTA: {tta_label(tta['tta_flip'], tta['tta_shift'])}" if tta["tta_flip"] or tta["tta_shift"] else ""
+    return f", TTA: {tta_label(**tta)}" if tta["tta_flip"] or tta["tta_shift"] else ""
 
 
 def cmd_test(args) -> int:
@@ -344,7 +344,7 @@ def cmd_test(args) -> int:
     model, ckpt = checkpoint.load_model(args.model, device := hardware.get_device(args.device))
     tta, stats = checkpoint.inference_settings(ckpt)
     if TTA_CHOICES[args.tta]:                      # --tta instead of the recipe's
-        tta = dict(zip(("tta_flip", "tta_shift"), TTA_CHOICES[args.tta]))
+        tta = {**tta, **dict(zip(("tta_flip", "tta_shift"), TTA_CHOICES[args.tta]))}
     out = writable_dir(Path(args.out) if args.out else Path(args.model).expanduser().parent, "--out")
     data = load_data(None, args.test_path, download=args.download, smoke=args.smoke)
     recipe = f", {ckpt['recipe']} recipe" if ckpt.get("recipe") else ""
@@ -352,7 +352,7 @@ def cmd_test(args) -> int:
          + ("; normalised with its mean/std" if stats else "; normalised with the data's (the checkpoint has none)"),
          f"data: {data.source}: {len(data.test_labels):,} test images" + (" [smoke]" if args.smoke else ""))
     pred = analysis.predict(model, data.test_images, data.test_labels, stats=stats or (data.mean, data.std),
-                            batch_size=args.batch, progress=True, **tta)
+                            batch_size=args.batch, tta=tta, progress=True)
     cm = analysis.confusion_matrix(pred.labels, pred.preds, len(data.classes))
     _say(f"test accuracy: {pred.accuracy:.4f} ({int(pred.correct.sum()):,}/{len(pred.labels):,} correct)",
          "", "per-class accuracy:", analysis.class_report(cm, data.classes))
@@ -386,7 +386,7 @@ def cmd_predict(args) -> int:
     if stats is None:
         _say(f"note: {model_path} records no mean/std: using CIFAR-10's standard ones", file=sys.stderr)
     classes, unknown = tuple(ckpt.get("classes") or data.CLASSES), np.zeros(len(images), dtype=np.int64)  # no labels
-    probs = analysis.predict(model, images, unknown, stats=stats or (own.CIFAR10_MEAN, own.CIFAR10_STD), **tta).probs
+    probs = analysis.predict(model, images, unknown, stats=stats or (own.CIFAR10_MEAN, own.CIFAR10_STD), tta=tta).probs
     _say(f"model: {model_path} ({ckpt['arch']})")
     width = max(len(c) for c in classes)
     for name, pr in zip(args.images, probs):

@@ -52,6 +52,22 @@ def smoke_mode() -> bool:
                       "mode: a small subset, few epochs) or 0 (full settings), or unset it")
 
 
+# The TTA's weighting with shifted copies (helpers.loop.tta_weights): the unshifted views' (the
+# image and its mirror) share of the vote. 1/3 weighs all six views alike; airbench94 gives them
+# 1/2 and each shifted pair 1/4 (a shifted copy loses a row and a column to reflection).
+TTA_ALIKE = 1 / 3
+
+
+# Earlier names of two augmentations, by the reference system that used them: a recipe (or a
+# checkpoint's, or a record's) that names one means the pipeline now called by the other.
+FORMER_AUGMENT_NAMES = {"seed001": "crop-flip-cutout", "seed004": "flip-shift-rotate"}
+
+
+def current_augment(name: str) -> str:
+    """The augmentation's name today: `name`, or the one that replaced it."""
+    return FORMER_AUGMENT_NAMES.get(name, name)
+
+
 @dataclass
 class Recipe:
     """One training recipe: the model and every setting that shapes its run."""
@@ -71,11 +87,13 @@ class Recipe:
     dropout: float = 0.0             # ResNet-9 only: Dropout after every Conv-BN-ReLU (seed 001)
     logit_scale: float = 1.0         # ResNet-9 only: multiplies the logits (Page: 0.125)
     label_smoothing: float = 0.0
-    augment: str = "seed001"         # "seed001", "seed004", "flip-translate" or "none"
+    augment: str = "crop-flip-cutout"   # seed 001's; also "flip-shift-rotate" (seed 004's), "flip-translate",
+                                        # "altflip-translate" or "none" (helpers.augment.AUGMENTATIONS)
     early_stopping_patience: int | None = None   # epochs without improvement, None = off
     val_split: float = 0.0           # fraction of train held out for early stopping
     tta_flip: bool = False           # average predictions over the image and its mirror
     tta_shift: int = 0               # ... and over copies shifted by this many pixels (0: none)
+    tta_centre: float = TTA_ALIKE    # with shifted copies: the unshifted views' share of the vote
     whiten: bool = True              # fast net only: its first layer computed from the data (False: learned)
     normalize: bool = True           # standardise inputs with the training set's channel mean/std
                                      # (False: pixels scaled to [0, 1] only, as torchvision's ToTensor)
@@ -90,6 +108,9 @@ class Recipe:
     whiten_bias_epochs: int | None = None   # the whitening bias trains this many epochs, then stays (None: always)
     seed: int = 0
     notes: str = ""
+
+    def __post_init__(self):
+        self.augment = current_augment(self.augment)
 
     def validate(self) -> "Recipe":
         """Raise ConfigError for values no run can use. The names come from the registries
@@ -123,6 +144,8 @@ class Recipe:
             raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
+        if not 0 < self.tta_centre <= 1:
+            raise ConfigError(f"tta_centre must be in (0, 1], got {self.tta_centre!r}: try 1/3 (all views alike)")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}")
         if self.schedule == "onecycle":
@@ -151,6 +174,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def tta(self) -> dict:
+        """The test-time augmentation this recipe tests with: predict_logits' keywords."""
+        return {"tta_flip": self.tta_flip, "tta_shift": self.tta_shift, "tta_centre": self.tta_centre}
+
 
 # the fast net's ingredients: Recipe.validate refuses any of them changed from its default on other models
 FAST_ONLY = ("bn_bias_lr", "frozen_bn_scales", "bn_momentum", "bn_eps", "dirac_init", "lookahead", "whiten_bias_epochs")
@@ -166,7 +193,7 @@ RECIPES: dict[str, Recipe] = {
     # Page's tuned choices. He used weight decay 5e-4 x 512 on a summed loss with the LR
     # divided by 512; on PyTorch's mean loss that is exactly LR 0.4 with weight decay 5e-4.
     # His network also multiplies its logits by 0.125: without that, LR 0.4 makes the loss jump
-    # to about 50 within the first steps and the net collapses to chance (measured, 10,000 images).
+    # to about 50 within the first steps and the net collapses to little better than chance (measured, 10,000 images).
     "resnet9-tuned": Recipe(
         optimizer="sgd", lr=0.4, nesterov=True, momentum=0.9, weight_decay=5e-4,
         label_smoothing=0.2, tta_flip=True, logit_scale=0.125,
@@ -184,7 +211,7 @@ RECIPES: dict[str, Recipe] = {
     # seed 004: compact CNN, NAdam 0.0025 at batch 64, flip/shift/rotate, early stopping
     "compact": Recipe(
         model="compact", optimizer="nadam", lr=2.5e-3, schedule="constant", epochs=200,
-        batch_size=64, test_batch_size=1024, augment="seed004", early_stopping_patience=35,
+        batch_size=64, test_batch_size=1024, augment="flip-shift-rotate", early_stopping_patience=35,
         val_split=0.1,
         notes="seed 004: compact CNN, NAdam 0.0025, batch 64, early stopping (patience 35 of 200)"),
     # beyond the seeds: the fast net (helpers.models.FastNet) trained as Keller Jordan's airbench94
@@ -195,7 +222,7 @@ RECIPES: dict[str, Recipe] = {
     # Still different from the package (checked against its source): the peak comes at the end of
     # epoch 2 of 10 (20 %; there 23 %); 10 epochs of 49 steps (490; there 9.9 epochs of 48, the short
     # last batch dropped); the whitening is centred and keeps a bias (there uncentred, zero bias);
-    # the TTA weighs all six views alike unless helpers.loop.CENTRE_WEIGHT says otherwise.
+    # the TTA: see tta_centre.
     "fast": Recipe(
         model="fast", optimizer="sgd", lr=1.5, lr_start=0.2 * 1.5, lr_min=0.07 * 1.5, nesterov=True, momentum=0.85,
         weight_decay=0.0153 / 11.5, epochs=10, peak_epoch=2, batch_size=1024, test_batch_size=1024,

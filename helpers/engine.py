@@ -326,8 +326,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,
                   options=options, extras=extras)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
-    test = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last, tta_flip=recipe.tta_flip,
-                    tta_shift=recipe.tta_shift, progress=False) if is_main() else None
+    test = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last, tta=recipe.tta(),
+                    progress=False) if is_main() else None
     return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}
 
 

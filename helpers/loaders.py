@@ -131,7 +131,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, stats: tuple, device,
-                 augment: str = "seed001", seed: int = 0, shard: tuple[int, int] = (0, 1)):
+                 augment: str = "crop-flip-cutout", seed: int = 0, shard: tuple[int, int] = (0, 1)):
         from .augment import batch_augment
 
         require_positive("batch size", batch_size)

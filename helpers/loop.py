@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .config import TTA_ALIKE
 from .distributed import all_reduce, is_distributed, is_main
 from .errors import DivergenceError
 from .hardware import RunOptions
@@ -178,21 +179,18 @@ def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch
     return views + [v.flip(3) for v in views] if flip else views
 
 
-# how much of the vote the unshifted views (the image and its mirror) get when shifted copies
-# are averaged in too: 1/3 weighs all six views alike; airbench94 gives them 1/2 and each
-# shifted pair 1/4 (the shifted copies lose a row and a column to reflection)
-CENTRE_WEIGHT = 1 / 3
-
-
-def tta_weights(flip: bool = False, shift: int = 0, centre: float = CENTRE_WEIGHT) -> torch.Tensor:
-    """The weight of each view of `tta_views`, in its order; they sum to 1."""
+def tta_weights(flip: bool = False, shift: int = 0, centre: float = TTA_ALIKE) -> torch.Tensor:
+    """The weight of each view of `tta_views`, in its order; they sum to 1. `centre`: the
+    unshifted views' share when there are shifted ones (1/3: all alike)."""
     w = torch.tensor([centre, (1 - centre) / 2, (1 - centre) / 2] if shift else [1.0])
     return torch.cat([w, w]) / 2 if flip else w
 
 
-def tta_label(flip: bool, shift: int) -> str:
-    """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none'."""
-    return " + ".join(["flip"] * bool(flip) + [f"{shift} px shifts"] * bool(shift)) or "none"
+def tta_label(tta_flip: bool, tta_shift: int, tta_centre: float = TTA_ALIKE) -> str:
+    """'flip', 'flip + 1 px shifts', '1 px shifts' or 'none', and the unshifted views' share
+    when it is not all views alike ('flip + 1 px shifts, centre 0.5')."""
+    centre = f", centre {tta_centre:.3g}" if tta_shift and not math.isclose(tta_centre, TTA_ALIKE) else ""
+    return " + ".join(["flip"] * bool(tta_flip) + [f"{tta_shift} px shifts"] * bool(tta_shift)) + centre or "none"
 
 
 @torch.no_grad()
@@ -213,21 +211,33 @@ def view_logits(model: nn.Module, loader, *, amp: str | None = None, channels_la
 
 
 def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels_last: bool = False,
-                   tta_flip: bool = False, tta_shift: int = 0, progress: bool = False,
-                   desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+                   tta_flip: bool = False, tta_shift: int = 0, tta_centre: float = TTA_ALIKE,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) for every image of `loader`, in loader order, on the CPU. tta_flip /
     tta_shift average the logits over the views of `tta_views` (the mirror image, copies shifted
-    by a few pixels), weighted by `tta_weights`."""
+    by a few pixels), weighted by `tta_weights` (tta_centre: the unshifted views' share)."""
     views, labels = view_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
-                                tta_shift=tta_shift, progress=progress, desc=desc)
-    return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift), views), labels
+                                tta_shift=tta_shift, progress=progress)
+    return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift, tta_centre), views), labels
+
+
+def tta_readings(model, loader, shift: int = 1) -> dict:
+    """The accuracy of one trained model on `loader`'s images under each test-time augmentation,
+    read off one pass of view_logits: none, the mirror image, and the mirror with copies shifted
+    by `shift` pixels, weighted alike or with 1/2 on the unshifted pair (airbench94's weighting)."""
+    views, labels = view_logits(model, loader, tta_flip=True, tta_shift=shift)    # x, -s, +s, then mirrored
+    weights = {"none": torch.eye(6)[0], "flip": tta_weights(True, shift, centre=1.0),   # the unshifted pair only
+               "6 views alike": tta_weights(True, shift, TTA_ALIKE), "6 views, centre 1/2": tta_weights(True, shift, 1 / 2)}
+    return {name: (torch.einsum("v,vnc->nc", w, views).argmax(1) == labels).float().mean().item()
+            for name, w in weights.items()}
 
 
 def evaluate(model: nn.Module, loader, *, loss_fn=None, amp: str | None = None, channels_last: bool = False,
-             tta_flip: bool = False, tta_shift: int = 0, progress: bool = True) -> dict:
+             tta: dict | None = None, progress: bool = True) -> dict:
     """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy), on the
-    model's device."""
+    model's device. `tta`: predict_logits' tta_flip, tta_shift and tta_centre (default: none;
+    a recipe's: `recipe.tta()`)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    logits, labels = predict_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
-                                    tta_shift=tta_shift, progress=progress and is_main(), desc="eval")
+    logits, labels = predict_logits(model, loader, amp=amp, channels_last=channels_last, **(tta or {}),
+                                    progress=progress and is_main())
     return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}

@@ -33,7 +33,7 @@ from .loop import autocast, to_device
 
 LR_CHOICE_NAME = "lr_choice.json"     # in config.artifacts_dir(): written by notebook 03, read by 04
 SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss barely moves there)
-SKIP_END = 5      # ... and the last 5 (where the loss explodes)
+SKIP_END = 5      # ... and the last 5 (where the loss turns up, or explodes)
 SMOOTH_F = 0.05   # torch-lr-finder's defaults: the loss curve's exponential smoothing ...
 DIVERGE_TH = 5    # ... and the test stops once the loss exceeds 5x its best
 

@@ -386,7 +386,8 @@ def study(rows, title: str = "Seed 001's overfitting study"):
     for i in range(len(rows)):
         ax.text(max(train[i], test[i]) + 0.5, y[i], f"gap {train[i] - test[i]:+.1f}", va="center", fontsize=8)
     ax.set_yticks(y, names), ax.invert_yaxis()
-    ax.set_xlabel("accuracy (%)"), ax.set_xlim(0, 110), ax.set_title(title), ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("accuracy (%)"), ax.set_xlim(0, 110), ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)   # beside the axes: covers no bar
     fig.tight_layout()
     return fig
 

@@ -101,7 +101,7 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.T
     return len(x) / timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def seed_run_minutes(epochs: int = 24) -> dict:
+def resnet9_run_minutes(epochs: int = 24) -> dict:
     """Seed 001's whole-run time on this course's runs: its median seconds per epoch (training
     plus the per-epoch test; the median ignores epochs slowed by other work or a pause) times
     `epochs`. From notebook 04's full run in artifacts/ when there is one, else from the committed
@@ -132,4 +132,4 @@ def seed_run_minutes(epochs: int = 24) -> dict:
     return {"minutes": None, "source": "no full run of the seed recipe found: run notebook 04"}
 
 
-__all__ = ["flops_per_image", "flops_by_layer", "matmul_rate", "train_rate", "seed_run_minutes"]
+__all__ = ["flops_per_image", "flops_by_layer", "matmul_rate", "train_rate", "resnet9_run_minutes"]

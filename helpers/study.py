@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from . import config
 from .config import Recipe
@@ -46,15 +45,17 @@ VARIANTS = {
 }
 
 
-# The fast recipe's ablation: each row leaves one ingredient out (or changes one setting)
-FAST_VARIANTS = {
-    "fast recipe": ("fast", {}),
-    "no whitening (the 2x2 conv learned)": ("fast", {"whiten": False}),
-    "no label smoothing": ("fast", {"label_smoothing": 0.0}),
-    "no weight decay": ("fast", {"weight_decay": 0.0}),
-    "no augmentation": ("fast", {"augment": "none"}),
-    "seed 001's augmentation (half pad-crop 4, flip, cutout)": ("fast", {"augment": "seed001"}),
-}
+# The first fast recipe's ablation (results/fast_ablation.json, before airbench94's ingredients):
+# each row leaves one ingredient out (or changes one setting) of config.FIRST_FAST, so that a row
+# added to that record measures the recipe its other rows measured
+FAST_VARIANTS = {name: ("fast", {**config.FIRST_FAST, **changes}) for name, changes in {
+    "fast recipe": {},
+    "no whitening (the 2x2 conv learned)": {"whiten": False},
+    "no label smoothing": {"label_smoothing": 0.0},
+    "no weight decay": {"weight_decay": 0.0},
+    "no augmentation": {"augment": "none"},
+    "seed 001's augmentation (half pad-crop 4, flip, cutout)": {"augment": "crop-flip-cutout"},
+}.items()}
 # (test-time augmentation changes no training: notebook 06 evaluates one run with and without it)
 
 # airbench94's ingredients in the fast recipe (issue 24): the recipe, the one before them, then each
@@ -119,7 +120,7 @@ STUDIES = {
     "overfitting": Study("Seed 001's overfitting study", VARIANTS, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS,
                          PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json", held_out="test"),
     # 20,000 images at batch 512 give 39 steps per epoch; the full recipe runs 49 at batch 1024
-    "fast": Study("The fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
+    "fast": Study("The first fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
                   config.REPO_ROOT / "results" / "fast_ablation.json", batch_size=512, held_out="test"),
     # 2,000 training images for the stated 15 epochs, scored on 1,000 held-out training images:
     # batch 4 alone costs 20 min here (about 25 images/s against 185 at batch 64)
@@ -136,7 +137,7 @@ STUDIES = {
 
 # the recipe settings each row records
 ROW_SETTINGS = ("seed", "optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift",
-                "augment", "batch_size", "normalize")
+                "tta_centre", "augment", "batch_size", "normalize")
 
 
 def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
@@ -172,7 +173,7 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
     from .engine import train
     from .hardware import RunOptions
     from .loaders import build_loaders
-    from .loop import evaluate
+    from .loop import evaluate, tta_readings
 
     if study not in STUDIES:
         raise ConfigError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
@@ -195,7 +196,7 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
         seen = sub.subset(min(len(sub.train_labels) // 10, TRAIN_ACC_PER_CLASS), 1)   # at most 10,000 of them
         clean = build_loaders(r.replace(augment="none"), seen)[0]               # no augmentation
         held_out = build_loaders(r.replace(augment="none"), sub)[2]
-        train_acc = evaluate(run["model"], clean, tta_flip=r.tta_flip, tta_shift=r.tta_shift, progress=False)["acc"]
+        train_acc = evaluate(run["model"], clean, tta=r.tta(), progress=False)["acc"]
         test_acc = run["test"]["acc"]
         if r.tta_flip and r.tta_shift:           # the TTA choice, made on the held-out images
             row["tta_acc"] = tta_readings(run["model"], held_out, r.tta_shift)
@@ -209,19 +210,6 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
                 "batch_size": next(iter(recipes.values())).batch_size, "source": sub.source,
                 "smoke": bool(smoke)}
     return {"settings": settings, "rows": rows}
-
-
-def tta_readings(model, loader, shift: int = 1) -> dict:
-    """Held-out accuracy of one trained model under each test-time augmentation: none, the
-    mirror image, and the mirror with shifted copies, weighted alike or with 1/2 on the
-    unshifted pair (airbench94's weighting)."""
-    from .loop import tta_weights, view_logits
-
-    views, labels = view_logits(model, loader, tta_flip=True, tta_shift=shift)    # x, -s, +s, then mirrored
-    weights = {"none": torch.eye(6)[0], "flip": tta_weights(True, shift, centre=1.0),   # the unshifted pair only
-               "6 views alike": tta_weights(True, shift, 1 / 3), "6 views, centre 1/2": tta_weights(True, shift, 1 / 2)}
-    return {name: (torch.einsum("v,vnc->nc", w, views).argmax(1) == labels).float().mean().item()
-            for name, w in weights.items()}
 
 
 RESULTS = STUDIES["overfitting"].results
@@ -310,10 +298,11 @@ def markdown(result: dict) -> str:
     settings = {"seed": lambda r: r.get("seed", 0), "optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
                 "batch": lambda r: r.get("batch_size", s.get("batch_size")) or "-",
                 "input": lambda r: "normalised" if r.get("normalize", True) else "[0, 1]",
-                "augmentation": lambda r: r.get("augment", "seed001"), "dropout": lambda r: f"{r['dropout']:g}",
+                "augmentation": lambda r: config.current_augment(r.get("augment", "crop-flip-cutout")),
+                "dropout": lambda r: f"{r['dropout']:g}",
                 "weight decay": lambda r: f"{r['weight_decay']:g}",
                 "label smoothing": lambda r: f"{r['label_smoothing']:g}",
-                "TTA": lambda r: tta_label(r["tta_flip"], r.get("tta_shift", 0))}
+                "TTA": lambda r: tta_label(r["tta_flip"], r.get("tta_shift", 0), r.get("tta_centre", config.TTA_ALIKE))}
     shown = {k: f for k, f in settings.items() if len({str(f(r)) for r in result["rows"]}) > 1}
     lines = [
         f"# {s.get('title', STUDIES['overfitting'].title)} (`{result.get('command', 'python -m helpers.study')}`)", "",
@@ -335,7 +324,7 @@ def markdown(result: dict) -> str:
 
 def tta_table(rows, held: str = "validation") -> list[str]:
     """Markdown lines: each run's held-out accuracy under each test-time augmentation
-    (rows measured with `tta_readings`), for choosing the TTA on held-out images."""
+    (rows measured with `helpers.loop.tta_readings`), for choosing the TTA on held-out images."""
     rows = [r for r in rows if "tta_acc" in r]
     if not rows:
         return []
@@ -346,23 +335,48 @@ def tta_table(rows, held: str = "validation") -> list[str]:
                     + " |" for r in rows]
 
 
-def seed_means(rows, held: str = "validation") -> list[str]:
-    """Markdown lines: each variant's mean held-out accuracy over its seeds with the standard
-    error of that mean (sample std / sqrt(seeds)); nothing when every variant ran once."""
+def plain_acc(row) -> float:
+    """A row's held-out accuracy without test-time augmentation: its last epoch's reading."""
+    return row["held_out_acc_per_epoch"][-1]
+
+
+def variant_means(rows, key=lambda r: r["test_acc"]) -> dict[str, tuple[int, float, float]]:
+    """{variant: (seeds, mean, standard error of the mean)} of `key` over each variant's runs
+    (sample std / sqrt(seeds); NaN for one run), in the rows' order."""
     import statistics
 
     by_variant: dict[str, list[float]] = {}
     for r in rows:
-        by_variant.setdefault(r["variant"], []).append(r["test_acc"])
-    if all(len(v) < 2 for v in by_variant.values()):
+        by_variant.setdefault(r["variant"], []).append(key(r))
+    return {name: (len(v), statistics.mean(v), statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan"))
+            for name, v in by_variant.items()}
+
+
+def format_means(rows, baseline: str, *, key=plain_acc) -> str:
+    """A fixed-width table of each variant's mean `key` (default: held-out accuracy without TTA)
+    over its seeds, its standard error, and its difference from `baseline`'s mean with the
+    standard error of that difference."""
+    means = variant_means(rows, key)
+    n0, m0, se0 = means[baseline]
+    width = max(len(name) for name in means)
+    lines = [f"{'variant':<{width}} {'seeds':>5} {'mean':>8} {'± s.e.':>7} {'difference':>11} {'± s.e.':>7}"]
+    lines.append("-" * len(lines[0]))
+    for name, (n, m, se) in means.items():
+        diff = "" if name == baseline else f"{m - m0:>+11.2%} {math.hypot(se, se0):>7.2%}".replace("nan%", "   -")
+        lines.append(f"{name:<{width}} {n:>5} {m:>8.2%} {se:>7.2%} {diff}".replace("nan%", "   -").rstrip())
+    return "\n".join(lines)
+
+
+def seed_means(rows, held: str = "validation") -> list[str]:
+    """Markdown lines: each variant's mean held-out accuracy over its seeds with the standard
+    error of that mean (sample std / sqrt(seeds)); nothing when every variant ran once."""
+    means = variant_means(rows)
+    if all(n < 2 for n, _, _ in means.values()):
         return []
     lines = ["", f"Mean over seeds ({held}; standard error of the mean):", "",
              f"| variant | seeds | mean {held} | standard error |", "|---|---:|---:|---:|"]
-    for name, accs in by_variant.items():
-        se = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
-        lines.append(f"| {name} | {len(accs)} | {statistics.mean(accs):.2%} | "
-                     + (f"{se:.2%} |" if len(accs) > 1 else "- |"))
-    return lines
+    return lines + [f"| {name} | {n} | {m:.2%} | " + (f"{se:.2%} |" if n > 1 else "- |")
+                    for name, (n, m, se) in means.items()]
 
 
 if __name__ == "__main__":

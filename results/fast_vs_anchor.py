@@ -101,6 +101,11 @@ def markdown(rows: list[dict]) -> str:
     if ratios:
         lines += ["", "| date | seed | fast / anchor, whole command | TTA accuracy, fast - anchor |", "|---|---:|---:|---:|"]
         lines += [f"| {d} | {s} | {q:.2f} | {p['fast']['tta_acc'] - p['anchor']['tta_acc']:+.2%} |" for (d, s), q, p in ratios]
+    for who in ("fast", "anchor"):
+        accs = {r["seed"]: r["tta_acc"] for r in rows if r["who"] == who}           # the latest row of each seed
+        if accs:
+            lines.append(f"\n{who}: mean TTA accuracy over seeds {', '.join(map(str, sorted(accs)))}: "
+                         f"{sum(accs.values()) / len(accs):.2%}")
     return "\n".join(lines) + "\n"
 
 

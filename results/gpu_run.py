@@ -65,10 +65,10 @@ def run_recipe(name: str, data, load_s: float, smoke: bool, **changes) -> dict:
     train_s = now(t0)
     test = build_loaders(r, data, opts)[2]
     acc = {label: loop.evaluate(run["model"], test, amp=opts.amp, channels_last=opts.channels_last,
-                                tta_flip=flip, tta_shift=shift, progress=False)["acc"]
+                                tta={**r.tta(), "tta_flip": flip, "tta_shift": shift}, progress=False)["acc"]
            for label, flip, shift in (("plain", False, 0), ("flip", True, 0), ("recipe_tta", r.tta_flip, r.tta_shift))}
     seconds = run["history"]["seconds"]
-    out = {"recipe": name, "changes": changes, "options": opts.describe().splitlines()[0],
+    out = {"recipe": name, "changes": changes, "config": r.to_dict(), "options": opts.describe().splitlines()[0],
            **{k: getattr(opts, k) for k in ("amp", "channels_last", "fast_augment")},
            "epochs": len(seconds), "batch": r.batch_size, "train_images": len(data.train_labels),
            "acc": acc, "acc_in_run": run["test"]["acc"], "data_load_s": load_s, "train_and_test_s": train_s,

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from helpers import engine, hardware  # noqa: E402
-from helpers.config import recipe, smoke_mode  # noqa: E402
+from helpers.config import FIRST_FAST, Recipe, recipe, smoke_mode  # noqa: E402
 from helpers.data import load_cifar10  # noqa: E402
 from helpers.files import atomic_write  # noqa: E402
 from helpers.runinfo import emit, public_command, run_info  # noqa: E402
@@ -34,7 +34,7 @@ from helpers.runinfo import emit, public_command, run_info  # noqa: E402
 FP32 = dict(fast_augment=False, amp=None, channels_last=False)
 FAST = dict(fast_augment=True, amp="bf16", channels_last=True)
 CONFIGS = {   # name -> (recipe of helpers.config, RunOptions fields, what it is)
-    "resnet9": ("resnet9", FP32, "seed 001 ResNet-9, albumentations seed001 loader with worker processes, fp32"),
+    "resnet9": ("resnet9", FP32, "seed 001 ResNet-9, albumentations crop-flip-cutout loader with worker processes, fp32"),
     "resnet9-fast": ("resnet9", FAST, "seed 001 ResNet-9, on-device augmentation (DeviceLoader), bf16, channels_last"),
     "resnet9-tuned": ("resnet9-tuned", FP32, "ResNet-9, SGD Nesterov, weight decay, label smoothing, flip TTA, fp32"),
     "vgg": ("vgg", FP32, "seed 003 VGG-style CNN, SGD 0.001, 15 epochs, no augmentation, fp32"),
@@ -125,6 +125,11 @@ def record_row(path: Path) -> dict:
             **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
 
 
+# Records written before results/gpu_run.py saved each run's recipe (commit e43803e and earlier)
+# ran the fast recipe as it was then: the first one, which config.FIRST_FAST restores.
+FORMER = {"fast": FIRST_FAST}
+
+
 def gpu_rows(path: Path) -> list[dict]:
     """Results rows for the runs of one `results/gpu_run.py` record (results/gpu_runs.json):
     its wall seconds are the whole run, the data load included; images/s from the median epoch."""
@@ -133,7 +138,8 @@ def gpu_rows(path: Path) -> list[dict]:
     for part in rec["parts"].values():
         if "recipe" not in part or "acc" not in part or part.get("epochs") is None:
             continue                                   # the profiles, the anchor, skipped parts
-        r = recipe(part["recipe"], smoke=rec["smoke"], **part["changes"])
+        r = Recipe(**part["config"]) if "config" in part else recipe(
+            part["recipe"], smoke=rec["smoke"], **{**FORMER.get(part["recipe"], {}), **part["changes"]})
         overrides = {k: v for k, v in part["changes"].items() if k != "seed"}
         options = {k: part.get(k, v) for k, v in FAST.items()}      # older records: what auto_options chose
         label = config_label(part["recipe"], options) + "".join(f", {k} {v}" for k, v in overrides.items())
@@ -167,10 +173,17 @@ def stat(runs: list[dict], key: str, scale: float = 1.0, digits: int = 0) -> str
     return f"{f(v.mean())} ± {f(v.std(ddof=1))} ({f(v.min())}–{f(v.max())})"
 
 
+def first_fast(run: dict) -> bool:
+    """Whether the run trained the first fast recipe (config.FIRST_FAST, before airbench94's
+    ingredients), apart from the settings its row names; a field its record predates had its default."""
+    r, overrides = {**Recipe().to_dict(), **run["recipe"]}, run["settings"].get("overrides") or {}
+    return r["model"] == "fast" and all(r[k] == v for k, v in FIRST_FAST.items() if k not in overrides)
+
+
 def row(g: list[dict]) -> str:
     e, commits = g[-1], sorted({(r["git"]["commit"] or "?")[:8] + "+" * r["git"]["dirty"] for r in g})
     return "| " + " | ".join([
-        e["config"] + " (compiled)" * e["settings"]["compile"] + " (smoke)" * e["settings"]["smoke"], e["device"],
+        e["config"] + " (first recipe)" * first_fast(e) + " (compiled)" * e["settings"]["compile"] + " (smoke)" * e["settings"]["smoke"], e["device"],
         ", ".join(str(r["seed"]) for r in g), stat(g, "test_acc", 100, 2), stat(g, "wall_seconds"),
         stat(g, "images_per_s"), stat(g, "peak_gpu_memory_bytes", 2**-20),
         "/".join(map(str, sorted({r["epochs_run"] for r in g}))), e["versions"]["torch"], ", ".join(commits),
@@ -186,8 +199,12 @@ def readme_text(path: Path) -> str:
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
              "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
              "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at its 93.5 % target, "
-             "and what each showed.", "- `fast_ablation.md`/`.json`: the fast recipe's ablation, one ingredient left out per "
-             "short run (`python -m helpers.study --study fast`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
+             "and what each showed.", "- `fast_ablation.md`/`.json`: the first fast recipe's ablation (before airbench94's "
+             "ingredients: `config.FIRST_FAST`), one ingredient left out per short run (`python -m helpers.study --study fast`).",
+             "- `fast_ingredients.md`/`.json`: airbench94's ingredients on the fast net, each left out in turn, full-length "
+             "runs scored on a validation split (`python -m helpers.study --study fast-ingredients`).",
+             "- `fast_vs_anchor.md`/`.jsonl`: the fast recipe beside airbench94 (the anchor), seed by seed, in one session "
+             "on one machine (`python results/fast_vs_anchor.py`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
              "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
              "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
              "recipe: the first reading (batch 64) and the measured reading (batch 16, 78.88 %, shipped at rank 384), "

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         + (f"; TTA {tta}" if tta["tta_flip"] or tta["tta_shift"] else ""))
 
     def evaluate(model):
-        return analysis.predict(model.to(device), images, labels, stats=(mean, std), batch_size=args.batch, **tta)
+        return analysis.predict(model.to(device), images, labels, stats=(mean, std), batch_size=args.batch, tta=tta)
 
     rows, svds, sizes = [], {}, {}
     slim = {"history": per_epoch_lr(ckpt["history"])} if "history" in ckpt else {}   # for every export

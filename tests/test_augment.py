@@ -29,10 +29,10 @@ def test_pipelines_build_without_warnings():
         warnings.simplefilter("error")
         aug.train_transforms(MEAN, STD)
         aug.test_transforms(MEAN, STD)
-        aug.seed004_transforms(MEAN, STD)
+        aug.flip_shift_rotate_transforms(MEAN, STD)
 
 
-@pytest.mark.parametrize("make", [aug.train_transforms, aug.test_transforms, aug.seed004_transforms])
+@pytest.mark.parametrize("make", [aug.train_transforms, aug.test_transforms, aug.flip_shift_rotate_transforms])
 def test_output_is_a_normalised_float_chw_tensor(make):
     out = make(MEAN, STD)(image=dark_image())["image"]
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 32, 32)
@@ -165,8 +165,8 @@ def test_probabilities_are_parameters_with_seed_defaults():
     assert np.array_equal(raw(tf, img, 0), img)   # all off: the identity
 
 
-def test_seed004_pipeline_shifts_and_rotates():
-    tf = aug.seed004_transforms(MEAN, STD, flip_p=0.0)
+def test_seed004s_pipeline_shifts_and_rotates():
+    tf = aug.flip_shift_rotate_transforms(MEAN, STD, flip_p=0.0)
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     outs = [raw(tf, img, s) for s in range(10)]
     assert all(not np.array_equal(o, img) for o in outs)

@@ -187,7 +187,7 @@ def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, tmp
         assert (f", TTA: {label};" in head) if label else ("TTA" not in head), head
         acc = float(printed(r"^test accuracy: (\d\.\d{4})", proc.stdout))
         want = predict(model, sub.test_images, sub.test_labels, stats=(ckpt["mean"], ckpt["std"]),
-                       tta_flip=keywords[0], tta_shift=keywords[1]).accuracy
+                       tta=dict(zip(("tta_flip", "tta_shift"), keywords))).accuracy
         assert acc == pytest.approx(want, abs=2 / 500)        # the same views, evaluated in-process
 
 
@@ -245,7 +245,7 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
     tta = inference_settings(ckpt)[0]
     with torch.no_grad():
         views = torch.stack([model(v) for v in loop.tta_views(x[None], tta["tta_flip"], tta["tta_shift"])])
-        p = torch.einsum("v,vnc->nc", loop.tta_weights(tta["tta_flip"], tta["tta_shift"]), views).softmax(1)[0].numpy()
+        p = torch.einsum("v,vnc->nc", loop.tta_weights(tta["tta_flip"], tta["tta_shift"], tta["tta_centre"]), views).softmax(1)[0].numpy()
     expected = [(CLASSES[i], float(p[i])) for i in np.argsort(-p)[:3]]
     got = _top_k(proc.stdout, images[0])
     assert [c for c, _ in got] == [c for c, _ in expected]
@@ -288,11 +288,11 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
 
     auto, r = auto_options("cpu"), recipe(model)
     opts = speed_options(build_parser().parse_args(["train", "--arch", model]), r, torch.device("cpu"))
-    twin = r.augment != "seed004"
+    twin = r.augment != "flip-shift-rotate"
     assert (opts.amp, opts.channels_last) == (auto.amp, auto.channels_last)
     assert opts.fast_augment is twin and opts.workers == (0 if twin else 2)
     assert opts.reasons["amp"].startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU")
-    assert ("seed004 has no on-device twin" in opts.reasons["fast_augment"]) is (not twin)
+    assert ("flip-shift-rotate has no on-device twin" in opts.reasons["fast_augment"]) is (not twin)
     # a flag given wins, and the reason says so
     given = build_parser().parse_args(["train", "--arch", model, "--amp", "off", "--no-channels-last",
                                        "--no-fast-augment", "--workers", "1"])
@@ -346,7 +346,7 @@ def test_smoke_run_saves_under_artifacts_smoke_not_over_a_full_runs_model(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^device cpu: (bf16|fp32), channels_last (on|off), on-device augmentation off$",
                      proc.stdout, re.M), proc.stdout[:2000]
-    assert "  - loader augmentation: seed004 has no on-device twin" in proc.stdout
+    assert "  - loader augmentation: flip-shift-rotate has no on-device twin" in proc.stdout
     assert sorted(os.listdir(tmp_path / "artifacts" / "smoke")) == sorted(
         ["compact.pt", "compact_last.pt", "compact_history.json", "compact_curves.png"])
     assert not (tmp_path / "models").exists()
@@ -507,8 +507,8 @@ def _error_cases(tmp: Path) -> dict[str, tuple[tuple, dict, int, str]]:
                                         r"--peak-epoch shapes the OneCycle schedule, but the vgg recipe"),
         "tuned recipe for vgg": (("train", "--arch", "vgg", "--recipe", "tuned"), {}, 2, r"--recipe tuned is a resnet9 recipe"),
         "unknown device": (("train", "--device", "tpu"), {}, 2, r"^error: unknown device 'tpu'"),
-        "fast augment on seed004": (("train", "--arch", "compact", "--fast-augment", "--checkpoints", tmp / "ck9"), {}, 2,
-                                    r"not 'seed004': drop --fast-augment"),
+        "fast augment on flip-shift-rotate": (("train", "--arch", "compact", "--fast-augment", "--checkpoints", tmp / "ck9"), {}, 2,
+                                    r"not 'flip-shift-rotate': drop --fast-augment"),
         "resume with other settings": (("train", "--arch", "compact", "--resume", train_state, "--lr", "0.1",
                                         "--checkpoints", tmp / "ck1"), {}, 2,
                                        r"cannot resume .*compact_last.pt with other settings \(lr 0.0025 -> 0.1\)"),
@@ -565,7 +565,7 @@ ERROR_NAMES = ["unknown model", "zero epochs", "negative epochs alias", "negativ
                "negative lr", "lr not a number", "momentum out of range", "no command", "no images",
                "peak beyond epochs", "recipe peak beyond epochs", "dropout out of range", "dropout on vgg",
                "negative weight decay", "weight decay not a number", "peak epoch on a constant LR", "tuned recipe for vgg", "unknown device",
-               "fast augment on seed004", "resume with other settings", "wrong train path", "wrong test path",
+               "fast augment on flip-shift-rotate", "resume with other settings", "wrong train path", "wrong test path",
                "empty data folder", "wrong CIFAR10_DIR", "wrong test --tp", "resume other arch", "resume final weights",
                "resume missing", "truncated checkpoint (test)", "truncated checkpoint (predict)", "missing checkpoint",
                "non-image file", "missing image", "unwritable checkpoints", "unwritable test --out",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from helpers import analysis, augment as aug, config, engine, hardware, loop, speed
-from helpers.checkpoint import load_model, save_checkpoint
+from helpers.checkpoint import inference_settings, load_model, save_checkpoint
 from helpers.models import FastNet, count_parameters, get_model, init_whitening
 
 
@@ -85,30 +85,30 @@ def test_matmul_and_train_rates_are_measured_live():
     assert r > 1 and not torch.equal(before, model.fc.weight)     # real steps ran
 
 
-def test_seed_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch(tmp_path, monkeypatch):
+def test_resnet9_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch(tmp_path, monkeypatch):
     import json
 
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
-    assert speed.seed_run_minutes()["minutes"] is None                          # nothing measured yet
+    assert speed.resnet9_run_minutes()["minutes"] is None                          # nothing measured yet
     row = {"config": "resnet9-fast", "settings": {"recipe": "resnet9", "smoke": False}, "device_type": "cpu",
            "epochs_run": 24, "epoch_seconds_mean": 500.0, "device": "a CPU", "git": {"commit": "abc"}}
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "reference_runs.jsonl").write_text(
         json.dumps(row) + "\n" + json.dumps(dict(row, config="fast", settings={"recipe": "fast", "smoke": False})) + "\n")
-    assert speed.seed_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
+    assert speed.resnet9_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
                                         "results/reference_runs.jsonl: resnet9-fast, a CPU, commit abc"}
     # a row with the median epoch (a resumed run) is read by its median, not its mean
     (tmp_path / "results" / "reference_runs.jsonl").write_text(json.dumps(dict(row, epoch_seconds_median=410.0)) + "\n")
-    assert speed.seed_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
+    assert speed.resnet9_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
     # a smoke run of notebook 04 in artifacts/ is no measurement
     save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=True,
                     history={"seconds": [2.0, 2.0]})
-    assert speed.seed_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
+    assert speed.resnet9_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)
     # notebook 04's own run wins; an epoch slowed by a pause (3,000 s) does not count
     save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=False,
                     history={"seconds": [400.0, 3000.0, 410.0, 405.0]})
-    assert speed.seed_run_minutes()["minutes"] == pytest.approx(407.5 * 24 / 60)
-    assert speed.seed_run_minutes(epochs=10)["minutes"] == pytest.approx(407.5 * 10 / 60)
+    assert speed.resnet9_run_minutes()["minutes"] == pytest.approx(407.5 * 24 / 60)
+    assert speed.resnet9_run_minutes(epochs=10)["minutes"] == pytest.approx(407.5 * 10 / 60)
 
 
 def whitened(model: FastNet, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +220,7 @@ def test_tta_views_and_averaged_logits():
     assert torch.equal(views[1], loop.shifted(x, -1, -1)) and torch.equal(views[2], down)
     assert torch.equal(views[3], x.flip(3)) and torch.equal(views[4], loop.shifted(x, -1, -1).flip(3))
     assert loop.tta_label(True, 1) == "flip + 1 px shifts" and loop.tta_label(False, 0) == "none"
+    assert loop.tta_label(True, 1, 0.5) == "flip + 1 px shifts, centre 0.5" and loop.tta_label(True, 0, 0.5) == "flip"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
     model(x)
@@ -237,6 +238,17 @@ def test_tta_views_and_averaged_logits():
     with torch.no_grad():
         assert torch.allclose(views_logits[3], model(x.flip(3)), atol=1e-5)
     assert torch.allclose(torch.einsum("v,vnc->nc", loop.tta_weights(True, 1), views_logits), logits, atol=1e-5)
+    centred, _ = loop.predict_logits(model, loader, tta_flip=True, tta_shift=1, tta_centre=1 / 2)
+    assert torch.allclose(torch.einsum("v,vnc->nc", weights, views_logits), centred, atol=1e-5)
+
+
+def test_a_checkpoint_tests_with_its_recipes_tta_weights():
+    """inference_settings gives predict the recipe's TTA, its weighting included; a checkpoint
+    saved before recipes had tta_centre weighed its views alike, and still does."""
+    r = config.recipe("fast", smoke=False, tta_centre=0.5)
+    assert inference_settings({"config": r.to_dict()})[0] == r.tta() == {"tta_flip": True, "tta_shift": 1, "tta_centre": 0.5}
+    older = {k: v for k, v in r.to_dict().items() if k != "tta_centre"}
+    assert inference_settings({"config": older})[0]["tta_centre"] == config.TTA_ALIKE == 1 / 3
 
 
 def test_fast_recipe_settings_and_checks():
@@ -246,6 +258,9 @@ def test_fast_recipe_settings_and_checks():
     assert (r.lr, r.lr_start, r.momentum, r.bn_bias_lr, r.lookahead) == (1.5, pytest.approx(0.3), 0.85, 64.0, True)
     with pytest.raises(Exception, match="tta_shift must be a whole number of pixels in 0..4"):
         config.recipe("fast", smoke=False, tta_shift=7)
+    with pytest.raises(Exception, match="tta_centre must be in"):
+        config.recipe("fast", smoke=False, tta_centre=0.0)
+    assert r.tta() == {"tta_flip": True, "tta_shift": 1, "tta_centre": r.tta_centre}
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,5 +282,6 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
     loaded, ckpt = load_model(path)
     assert isinstance(loaded, FastNet) and ckpt["config"]["tta_shift"] == 1
     pred = analysis.predict(loaded, small_data.test_images, small_data.test_labels,
-                            stats=(small_data.mean, small_data.std), tta_flip=True, tta_shift=1)
+                            stats=(small_data.mean, small_data.std), tta=inference_settings(ckpt)[0])
     assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers
+

@@ -415,8 +415,8 @@ def test_build_loaders_makes_the_device_loader_where_the_options_ask_for_it(smal
     assert (fast.batch_size, fast.seed, len(fast)) == (100, 9, len(plain))
     x, y = collect(fast, 0)
     assert x.shape == (1000, 3, 32, 32) and sorted(y.tolist()) == sorted(small_data.train_labels.tolist())
-    with pytest.raises(Exception, match="seed001"):                   # seed 004's pipeline has no twin
-        build_loaders(r.replace(augment="seed004"), small_data, hardware.RunOptions(device="cpu", fast_augment=True))
+    with pytest.raises(Exception, match="crop-flip-cutout"):          # seed 004's pipeline has no twin
+        build_loaders(r.replace(augment="flip-shift-rotate"), small_data, hardware.RunOptions(device="cpu", fast_augment=True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_fit_with_fast_augment_trains_a_small_model(small_data, monkeypatch):
     def run():
         hardware.seed_everything(0)
         model = get_model("compact")
-        r = recipe("compact", augment="seed001", batch_size=64, test_batch_size=100, val_split=0.0, seed=0)
+        r = recipe("compact", augment="crop-flip-cutout", batch_size=64, test_batch_size=100, val_split=0.0, seed=0)
         train, _, test = build_loaders(r, data, options)
         before = [p.detach().clone() for p in model.parameters()]
         opt = optim.make_optimizer("adam", model.parameters(), 2e-3)

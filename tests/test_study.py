@@ -18,7 +18,7 @@ def test_variants_change_one_regulariser_at_a_time_from_the_seed_recipe():
     assert (tuned.optimizer, tuned.label_smoothing, tuned.tta_flip) == ("sgd", 0.2, True)
     for r in recipes.values():
         assert (r.epochs, r.peak_epoch, r.batch_size) == (study.EPOCHS, study.PEAK_EPOCH, seed.batch_size)
-        assert (r.model, r.augment) == ("resnet9", "seed001")
+        assert (r.model, r.augment) == ("resnet9", "crop-flip-cutout")
 
 
 def test_smoke_study_trains_every_variant_on_real_images(small_data):
@@ -46,8 +46,11 @@ def test_load_study_reads_a_record_and_explains_a_missing_one(tmp_path):
 
 
 def test_fast_ablation_leaves_out_one_ingredient_per_row():
+    """The record's rows measure the first fast recipe (config.FIRST_FAST), so a row run today does too."""
+    import dataclasses
+
     recipes = study.study_recipes(smoke=False, study="fast")
-    full = config.recipe("fast", smoke=False)
+    full = dataclasses.replace(config.recipe("fast", smoke=False), **config.FIRST_FAST)
     base = recipes["fast recipe"]
     s = study.STUDIES["fast"]
     assert (base.epochs, base.peak_epoch, base.batch_size) == (s.epochs, s.peak_epoch, s.batch_size)
@@ -62,7 +65,7 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
     assert changed["no label smoothing"] == {"label_smoothing"}
     assert changed["no augmentation"] == {"augment"}
     assert changed["no whitening (the 2x2 conv learned)"] == {"whiten"}
-    assert recipes["seed 001's augmentation (half pad-crop 4, flip, cutout)"].augment == "seed001"
+    assert recipes["seed 001's augmentation (half pad-crop 4, flip, cutout)"].augment == "crop-flip-cutout"
 
 
 def test_smoke_fast_ablation_runs_on_real_images(small_data):
@@ -143,3 +146,21 @@ def test_seeds_give_one_row_each_and_a_mean_with_its_standard_error(small_data):
     lines = study.seed_means(rows)
     assert "| a | 3 | 91.00% | 0.58% |" in lines and "| b | 1 | 50.00% | - |" in lines   # 0.01 / sqrt(3)
     assert study.seed_means(rows[:1] + rows[3:]) == []
+
+
+def test_variant_means_give_each_difference_with_its_standard_error():
+    """The ablation's reading: a variant's mean over seeds, its standard error, and its difference
+    from the baseline with the standard error of that difference (the two errors in quadrature)."""
+    import math
+
+    rows = [{"variant": v, "test_acc": acc + 0.01, "held_out_acc_per_epoch": [0.5, acc]}
+            for v, accs in (("a", (0.90, 0.92, 0.94)), ("b", (0.88, 0.90)), ("c", (0.80,))) for acc in accs]
+    means = study.variant_means(rows, study.plain_acc)
+    assert means["a"] == (3, pytest.approx(0.92), pytest.approx(0.02 / math.sqrt(3)))
+    assert means["b"][:2] == (2, pytest.approx(0.89)) and math.isnan(means["c"][2])
+    assert study.variant_means(rows)["a"][1] == pytest.approx(0.93)          # the default: with the recipe's TTA
+    table = {line.split()[0]: line.split()[1:] for line in study.format_means(rows, "a").splitlines()[2:]}
+    se_b = math.hypot(0.01, 0.02 / math.sqrt(3))                             # sqrt(0.01^2 + 0.0115^2) = 1.53 %
+    assert table["a"] == ["3", "92.00%", "1.15%"]
+    assert table["b"] == ["2", "89.00%", "1.00%", "-3.00%", f"{se_b:.2%}"]
+    assert table["c"] == ["1", "80.00%", "-", "-12.00%", "-"]
