@@ -11,6 +11,7 @@ regenerated from that file: accuracy, wall time, images/s, peak GPU memory, sett
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -138,8 +139,8 @@ def gpu_rows(path: Path) -> list[dict]:
     for part in rec["parts"].values():
         if "recipe" not in part or "acc" not in part or part.get("epochs") is None:
             continue                                   # the profiles, the anchor, skipped parts
-        r = Recipe(**part["config"]) if "config" in part else recipe(
-            part["recipe"], smoke=rec["smoke"], **{**FORMER.get(part["recipe"], {}), **part["changes"]})
+        r = Recipe(**part["config"]) if "config" in part else dataclasses.replace(    # keeps FIRST_FAST's Nones
+            recipe(part["recipe"], smoke=rec["smoke"]), **FORMER.get(part["recipe"], {})).replace(**part["changes"])
         overrides = {k: v for k, v in part["changes"].items() if k != "seed"}
         options = {k: part.get(k, v) for k, v in FAST.items()}      # older records: what auto_options chose
         label = config_label(part["recipe"], options) + "".join(f", {k} {v}" for k, v in overrides.items())
