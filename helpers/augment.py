@@ -99,7 +99,7 @@ test_transforms.__test__ = False  # a pipeline for the test split, not a pytest 
 
 
 def flip_shift_rotate_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIFT,
-                       rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
+                                 rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
     """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
 
     Keras fills uncovered pixels with the nearest edge pixel ('nearest'), here BORDER_REPLICATE.
@@ -133,8 +133,8 @@ def _device_only(mean, std, **options):
                       "loader does: add --fast-augment (or use flip-translate)")
 
 
-AUGMENTATIONS = {"crop-flip-cutout": train_transforms, "flip-shift-rotate": flip_shift_rotate_transforms, "none": test_transforms,
-                 "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"]),
+AUGMENTATIONS = {"crop-flip-cutout": train_transforms, "flip-shift-rotate": flip_shift_rotate_transforms,
+                 "none": test_transforms, "flip-translate": functools.partial(train_transforms, **PRESETS["flip-translate"]),
                  "altflip-translate": _device_only}
 
 

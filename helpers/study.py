@@ -114,6 +114,7 @@ class Study:
     batch_size: int | None = None  # None: each recipe's own
     held_out: str = "validation"   # what the rows are scored on: a validation split of the
                                    # training images, or (older records) "test" images
+    baseline: str | None = None    # the variant the others differ from (the record's differences table)
 
 
 STUDIES = {
@@ -121,7 +122,8 @@ STUDIES = {
                          PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json", held_out="test"),
     # 20,000 images at batch 512 give 39 steps per epoch; the full recipe runs 49 at batch 1024
     "fast": Study("The first fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
-                  config.REPO_ROOT / "results" / "fast_ablation.json", batch_size=512, held_out="test"),
+                  config.REPO_ROOT / "results" / "fast_ablation.json", batch_size=512, held_out="test",
+                  baseline="fast recipe"),
     # 2,000 training images for the stated 15 epochs, scored on 1,000 held-out training images:
     # batch 4 alone costs 20 min here (about 25 images/s against 185 at batch 64)
     "vgg": Study("Seed 003's unstated settings", VGG_VARIANTS, 200, 100, 15, 1,
@@ -131,7 +133,7 @@ STUDIES = {
                 TEST_PER_CLASS, EPOCHS, PEAK_EPOCH, config.REPO_ROOT / "results" / "lr_study.json"),
     # the whole training set less 5,000 held-out images, the recipe's 10 epochs: each row is a full run
     "fast-ingredients": Study("airbench94's ingredients on the fast net", FAST_INGREDIENT_VARIANTS, 4500, 500, 10, 2,
-                              config.REPO_ROOT / "results" / "fast_ingredients.json"),
+                              config.REPO_ROOT / "results" / "fast_ingredients.json", baseline="fast recipe"),
 }
 
 
@@ -317,7 +319,7 @@ def markdown(result: dict) -> str:
         cells = [r["variant"], *(str(f(r)) for f in shown.values()), f"{r['train_acc']:.2%}",
                  f"{r['train_acc_augmented']:.2%}", f"{r['test_acc']:.2%}", f"{r['gap']:+.2%}", f"{r['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += seed_means(result["rows"], held) + tta_table(result["rows"], held)
+    lines += seed_means(result["rows"], held) + differences(result) + tta_table(result["rows"], held)
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -365,6 +367,16 @@ def format_means(rows, baseline: str, *, key=plain_acc) -> str:
         diff = "" if name == baseline else f"{m - m0:>+11.2%} {math.hypot(se, se0):>7.2%}".replace("nan%", "   -")
         lines.append(f"{name:<{width}} {n:>5} {m:>8.2%} {se:>7.2%} {diff}".replace("nan%", "   -").rstrip())
     return "\n".join(lines)
+
+
+def differences(result: dict) -> list[str]:
+    """Markdown lines: format_means' table for a study with a baseline whose rows all read their
+    held-out accuracy per epoch (older records do not); else nothing."""
+    base, rows = STUDIES[result["settings"].get("study", "overfitting")].baseline, result["rows"]
+    if base not in {r["variant"] for r in rows} or not all("held_out_acc_per_epoch" in r for r in rows):
+        return []
+    return ["", f"Without TTA (each run's last epoch), mean over seeds, and each variant's difference from the "
+            f"{base} with its standard error:", "", "```", format_means(rows, base), "```"]
 
 
 def seed_means(rows, held: str = "validation") -> list[str]:

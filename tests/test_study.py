@@ -82,6 +82,7 @@ def test_smoke_fast_ablation_runs_on_real_images(small_data):
     page = study.markdown({**result, "git": {"commit": "0" * 40, "dirty": False}, "device": "cpu",
                            "versions": {"torch": "x"}, "date": "today", "wall_seconds": 1.0})
     assert "| fast recipe | 0 | " + f"{tta['none']:.2%}" in page
+    assert study.format_means(result["rows"], "fast recipe") in page      # the differences table, without TTA
     table = [line for line in page.split("\n\n")[2].splitlines() if line.startswith("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head[:2] == ["variant", "label smoothing"] and "optimizer" not in head   # only what differs
