@@ -97,6 +97,9 @@ LR_VARIANTS = {
     "LR_MAX 2.54e-3 (seed 001)": ("resnet9", {}),
     "LR_MAX 7.39e-3 (the geometric middle)": ("resnet9", {"lr": 7.39e-3, "lr_min": 7.39e-4}),
     "LR_MAX 2.15e-2 (notebook 03's suggestion)": ("resnet9", {"lr": 2.15e-2, "lr_min": 2.15e-3}),
+    # below seed 001's: does the validation accuracy peak near 2.54e-3, or keep rising as the LR falls?
+    "LR_MAX 1.0e-3": ("resnet9", {"lr": 1e-3, "lr_min": 1e-4}),
+    "LR_MAX 1.7e-4 (the valley rule)": ("resnet9", {"lr": 1.7e-4, "lr_min": 1.7e-5}),
 }
 
 
