@@ -221,11 +221,12 @@ def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels
     return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift, tta_centre), views), labels
 
 
-def tta_readings(model, loader, shift: int = 1) -> dict:
+def tta_readings(model, loader, shift: int = 1, *, amp: str | None = None, channels_last: bool = False) -> dict:
     """The accuracy of one trained model on `loader`'s images under each test-time augmentation,
     read off one pass of view_logits: none, the mirror image, and the mirror with copies shifted
     by `shift` pixels, weighted alike or with 1/2 on the unshifted pair (airbench94's weighting)."""
-    views, labels = view_logits(model, loader, tta_flip=True, tta_shift=shift)    # x, -s, +s, then mirrored
+    views, labels = view_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=True,
+                                tta_shift=shift)                                  # x, -s, +s, then mirrored
     weights = {"none": torch.eye(6)[0], "flip": tta_weights(True, shift, centre=1.0),   # the unshifted pair only
                "6 views alike": tta_weights(True, shift, TTA_ALIKE), "6 views, centre 1/2": tta_weights(True, shift, 1 / 2)}
     return {name: (torch.einsum("v,vnc->nc", w, views).argmax(1) == labels).float().mean().item()

@@ -36,6 +36,7 @@ SKIP_START = 10   # torch-lr-finder's plot ignores the first 10 points (the loss
 SKIP_END = 5      # ... and the last 5 (where the loss turns up, or explodes)
 SMOOTH_F = 0.05   # torch-lr-finder's defaults: the loss curve's exponential smoothing ...
 DIVERGE_TH = 5    # ... and the test stops once the loss exceeds 5x its best
+RULE = "lowest loss / 10"   # how choose_lr reads LR_MAX off the test (see rules; results/lr_study.md)
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,6 +76,35 @@ def steepest_descent(lrs, losses, skip_start: int = SKIP_START, skip_end: int = 
     lo, hi = skip_start, n - skip_end
     idx = lo + int(np.gradient(np.asarray(losses[lo:hi], dtype=np.float64)).argmin())
     return float(lrs[idx]), idx, skip_start, skip_end
+
+
+def valley(losses) -> int:
+    """fastai's "valley" rule: the index about two-thirds of the way down the longest descent.
+
+    The longest descent is the longest run of points, left to right, each lower than the one
+    before it (not necessarily adjacent: a longest decreasing subsequence); the suggestion lies
+    at its start + 1/3 + 1/6 of its length. Written as fastai's `valley` computes it.
+    """
+    longest, start, end = [1] * len(losses), 0, 0
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end, start = i, i - longest[i]
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
+
+
+def rules(result) -> dict[str, float]:
+    """The LR_MAX each rule reads off one range test's smoothed loss, all ignoring the same ends:
+    the steepest descent (torch-lr-finder's plot), fastai's valley, and a tenth of the LR of the
+    lowest loss (fastai's `minimum`: the lowest loss is the edge of divergence, a tenth of it a safe peak)."""
+    lo, hi = result.skip_start, len(result.losses) - result.skip_end
+    lrs, losses = result.lrs[lo:hi], result.losses[lo:hi]
+    return {"steepest descent": float(result.suggestion),
+            "valley": float(lrs[valley(losses)]),
+            "lowest loss / 10": float(lrs[int(np.argmin(losses))]) / 10}
 
 
 def _check_ordered(low_name: str, low, high_name: str, high, hint: str) -> None:
@@ -172,21 +202,25 @@ def _endless(loader):
 # ----------------------------------------------------------------------------------------
 # Choosing LR_MAX and LR_MIN
 # ----------------------------------------------------------------------------------------
-def choose_lr(result: RangeTestResult, smoke: bool = False) -> dict:
-    """The LRs to train with: LR_MAX = the suggestion and LR_MIN = LR_MAX / 10 (seed 001).
+def choose_lr(result: RangeTestResult, smoke: bool = False, rule: str = RULE) -> dict:
+    """The LRs to train with: LR_MAX = what `rule` (a key of `rules`) reads off the range test,
+    LR_MIN = LR_MAX / 10 (S10's ratio). RULE is the rule the validation runs of
+    results/lr_study.md back.
 
-    In smoke mode a few iterations on 1,000 images make the suggestion noise, so seed 001's
-    LR_MAX (config.LR_MAX) is chosen instead; the suggestion is still recorded.
+    In smoke mode a few iterations on 1,000 images make every rule's answer noise, so S10's
+    LR_MAX (config.LR_MAX) is chosen instead; the rules' answers are still recorded.
     Returns keyword arguments for save_lr_choice.
     """
-    info = {"suggestion": float(result.suggestion), "num_iter": len(result.lrs), "smoke": bool(smoke)}
+    found = rules(result)
+    if rule not in found:
+        raise ConfigError(f"unknown rule {rule!r}: choose one of {', '.join(found)}")
+    info = {"rule": rule, "rules": found, "num_iter": len(result.lrs), "smoke": bool(smoke)}
     if smoke:
-        return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "seed 001 default (smoke mode)",
-                "note": f"smoke mode: the {len(result.lrs)}-iteration range test's suggestion "
-                        f"({result.suggestion:.2e}) is noise, so seed 001's LR_MAX is used", **info}
-    return {"lr_max": float(result.suggestion), "lr_min": float(result.suggestion) / 10,
-            "source": "lr_finder", "note": "LR_MAX = the range test's suggestion, LR_MIN = LR_MAX / 10",
-            **info}
+        return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "S10's LR_MAX (smoke mode)",
+                "note": f"smoke mode: a {len(result.lrs)}-iteration range test reads noise, so S10's LR_MAX is used",
+                **info}
+    return {"lr_max": found[rule], "lr_min": found[rule] / 10, "source": "lr_finder",
+            "note": f"LR_MAX = the range test's {rule}, LR_MIN = LR_MAX / 10", **info}
 
 
 def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> Path:
@@ -307,5 +341,5 @@ def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None
 
 
 __all__ = ["lr_choice_file", "RangeTestResult", "steepest_descent", "range_test", "range_test_loader",
-           "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
+           "valley", "rules", "RULE", "choose_lr", "save_lr_choice", "load_lr_choice", "SchedulePlan",
            "planned_one_cycle", "default_num_iter", "default_batch_size"]

@@ -149,31 +149,42 @@ def lr_schedule(lrs, steps_per_epoch: int | None = None, title: str = "Learning 
     return fig
 
 
-def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = None,
-                    title: str | None = None):
-    """helpers.lr_finder.range_test's result: smoothed loss against LR (log scale), the suggestion marked; optionally the chosen
-    LR_MAX and LR_MIN as dashed lines. Returns the Figure."""
+def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = None, *,
+                  reference: float | None = None, title: str | None = None):
+    """helpers.lr_finder.range_test's result against the LR (log scale): each batch's loss (faint),
+    the smoothed loss, ln 10 (the loss of a uniform guess) and the LR each rule of
+    `lr_finder.rules` reads off; optionally the chosen LR_MAX and LR_MIN and a `reference` LR
+    (e.g. S10's LR_MAX) as vertical lines. Returns the Figure."""
+    from .lr_finder import rules
+
     lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    if len(result.raw_losses) == len(lrs):
+        ax.plot(lrs, result.raw_losses, color="tab:blue", alpha=0.3, lw=1, label="each batch's loss")
+    ax.plot(lrs, losses, color="tab:blue", lw=2, label="smoothed loss (lags the batches)")
+    ax.axhline(np.log(10), color="grey", linestyle=":", label="ln 10 = 2.30: a uniform guess")
     lo, hi = result.skip_start, len(lrs) - result.skip_end
     if lo > 0:
-        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends ignored by the suggestion")
+        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends the rules ignore")
     if hi < len(lrs):
         ax.axvspan(lrs[hi - 1], lrs[-1], color="grey", alpha=0.12)
-    i = result.suggestion_index
-    ax.plot(lrs[i], losses[i], "o", color="red", markersize=8,
-            label=f"steepest descent: {result.suggestion:.2e}")
-    if lr_max is not None:
-        ax.axvline(lr_max, color="green", linestyle="--", label=f"LR_MAX {lr_max:.2e}")
-    if lr_min is not None:
-        ax.axvline(lr_min, color="orange", linestyle="--", label=f"LR_MIN {lr_min:.2e}")
+    for (name, lr), marker in zip(rules(result).items(), "ovs"):
+        i = int(np.argmin(np.abs(np.log(lrs) - np.log(lr))))
+        ax.plot(lrs[i], losses[i], marker, markersize=8, label=f"{name}: {lr:.2e}")
+    low = lo + int(np.argmin(losses[lo:hi]))
+    ax.plot(lrs[low], losses[low], "x", color="black", markersize=8, label=f"lowest smoothed loss: {lrs[low]:.2e}")
+    for value, color, name in ((lr_max, "green", "LR_MAX"), (lr_min, "orange", "LR_MIN"),
+                               (reference, "black", "reference")):
+        if value is not None:
+            ax.axvline(value, color=color, linestyle="--", lw=1, label=f"{name} {value:.2e}")
     ax.set_xscale("log")
+    top = max(losses[: hi].max(), np.log(10)) * 1.15
+    ax.set_ylim(0, top)
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
+    ax.set_ylabel("training loss")
     stop = ", stopped early: the loss diverged" if result.diverged else ""
     ax.set_title(title or f"LR range test: {len(lrs)} of {result.num_iter} iterations{stop}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     return fig
 
@@ -203,6 +214,24 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     axes[2].set_xlim(0, len(epochs))
     axes[2].set_xlabel("epoch"), axes[2].set_ylabel("learning rate"), axes[2].set_title("LR at every step")
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def compare_runs(histories: dict, eval_name: str = "validation"):
+    """Several runs' per-epoch histories side by side: the training loss (dashed) and the held-out
+    loss, then the held-out accuracy (%), one colour per run ({name: history})."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for (name, h), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        epochs = np.arange(1, len(h["eval_acc"]) + 1)
+        axes[0].plot(epochs, h["train_loss"], "--", color=color, label=f"{name}: train")
+        axes[0].plot(epochs, h["eval_loss"], "o-", color=color, label=f"{name}: {eval_name}")
+        axes[1].plot(epochs, 100 * np.asarray(h["eval_acc"]), "o-", color=color, label=name)
+    axes[0].set_ylabel("loss"), axes[0].set_title("Loss per epoch")
+    axes[1].set_ylabel(f"{eval_name} accuracy (%)"), axes[1].set_title(f"{eval_name.capitalize()} accuracy per epoch")
+    for ax in axes:
+        ax.set_xlabel("epoch"), ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

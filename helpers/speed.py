@@ -101,12 +101,14 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.T
     return len(x) / timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def resnet9_run_minutes(epochs: int = 24) -> dict:
-    """Seed 001's whole-run time on this course's runs: its median seconds per epoch (training
-    plus the per-epoch test; the median ignores epochs slowed by other work or a pause) times
-    `epochs`. From notebook 04's full run in artifacts/ when there is one, else from the committed
-    results (results/reference_runs.jsonl, the CPU runs of the seed recipe). Returns {"minutes",
-    "source"}; minutes is None when neither exists."""
+def resnet9_run_minutes(epochs: int = 24, device: str | None = None) -> dict:
+    """S10's whole-run time on this course's runs: its median seconds per epoch (training plus
+    the per-epoch test; the median ignores epochs slowed by other work or a pause) times `epochs`.
+    From notebook 04's full run in artifacts/ when there is one, else from the committed results
+    (results/reference_runs.jsonl, the CPU runs of the S10 recipe), but only one measured on
+    `device` (a runinfo.device_name, e.g. "AMD EPYC (CPU, 2 cores)") when it is given: a time
+    ratio means something only between runs on one device. Returns {"minutes", "source"};
+    minutes is None when no such run exists."""
     import json
     import statistics
 
@@ -124,12 +126,16 @@ def resnet9_run_minutes(epochs: int = 24) -> dict:
     rows = [json.loads(line) for line in (runs.read_text().splitlines() if runs.is_file() else [])]
     rows = [r for r in rows if r["settings"]["recipe"] == "resnet9" and r["device_type"] == "cpu"
             and not r["settings"]["smoke"] and r["epochs_run"] == epochs]
-    if rows:
-        r = rows[-1]
+    same = [r for r in rows if device is None or r["device"] == device]
+    if same:
+        r = same[-1]
         return {"minutes": r.get("epoch_seconds_median", r["epoch_seconds_mean"]) * epochs / 60,
                 "source": f"results/reference_runs.jsonl: {r['config']}, {r['device']}, "
                           f"commit {str(r['git']['commit'])[:8]}"}
-    return {"minutes": None, "source": "no full run of the seed recipe found: run notebook 04"}
+    if rows:
+        return {"minutes": None, "source": f"the committed S10 runs were measured on {rows[-1]['device']}, "
+                                           f"not on {device}: run notebook 04 here to compare times"}
+    return {"minutes": None, "source": "no full run of the S10 recipe found: run notebook 04"}
 
 
 __all__ = ["flops_per_image", "flops_by_layer", "matmul_rate", "train_rate", "resnet9_run_minutes"]

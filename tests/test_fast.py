@@ -97,6 +97,9 @@ def test_resnet9_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch
         json.dumps(row) + "\n" + json.dumps(dict(row, config="fast", settings={"recipe": "fast", "smoke": False})) + "\n")
     assert speed.resnet9_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
                                         "results/reference_runs.jsonl: resnet9-fast, a CPU, commit abc"}
+    assert speed.resnet9_run_minutes(device="a CPU")["minutes"] == 500.0 * 24 / 60          # the same device
+    other = speed.resnet9_run_minutes(device="Tesla T4 (cuda)")                               # no ratio across devices
+    assert other["minutes"] is None and "a CPU" in other["source"]
     # a row with the median epoch (a resumed run) is read by its median, not its mean
     (tmp_path / "results" / "reference_runs.jsonl").write_text(json.dumps(dict(row, epoch_seconds_median=410.0)) + "\n")
     assert speed.resnet9_run_minutes()["minutes"] == pytest.approx(410.0 * 24 / 60)

@@ -198,15 +198,49 @@ def test_short_tests_still_get_a_suggestion_inside_the_range():
         lr_finder.steepest_descent([1e-3], [2.3])
 
 
+def curve(n=100, seed=0):
+    """A range test's shape: flat, a long descent, the lowest loss at LR 1e-2, then divergence."""
+    lrs = 1e-7 * (1e8 ** (np.arange(n) / (n - 1)))
+    x = np.log10(lrs)
+    losses = 2.3 - 1.5 / (1 + np.exp(-(x + 4) * 1.5)) + np.where(x > -2, 3 * (x + 2) ** 2, 0)
+    return lrs, losses + np.random.default_rng(seed).normal(0, 0.005, n)
+
+
+def test_valley_lies_inside_the_longest_descent():
+    lrs, losses = curve()
+    lowest = int(np.argmin(losses))
+    i = lr_finder.valley(list(losses))
+    assert 0 < i < lowest                          # on the way down, before the bottom
+    assert losses[i] < losses[0] - 0.3             # well into the descent, not on the flat start
+    assert lr_finder.valley([3.0 - 0.1 * k for k in range(31)] + [5.0]) == 14   # halfway down: fastai's arithmetic
+
+
+def test_rules_read_the_same_window():
+    lrs, losses = curve()
+    r = lr_finder.RangeTestResult(lrs=list(lrs), losses=list(losses), num_iter=100,
+                                  suggestion=lr_finder.steepest_descent(lrs, losses)[0])
+    found = lr_finder.rules(r)
+    assert set(found) == {"steepest descent", "valley", "lowest loss / 10"} and lr_finder.RULE in found
+    assert found["lowest loss / 10"] == pytest.approx(lrs[np.argmin(losses)] / 10)
+    assert found["steepest descent"] < lrs[np.argmin(losses)]
+    lrs_cut = lrs[10:95]                            # every answer lies inside the ignored ends
+    assert all(lrs_cut[0] / 10 <= v <= lrs_cut[-1] for v in found.values())
+
+
 def test_choose_lr():
-    r = lr_finder.RangeTestResult(lrs=[1e-4, 1e-3, 1e-2], losses=[2.3, 2.0, 3.0], suggestion=1e-3,
-                                  num_iter=3, suggestion_index=1)
+    lrs, losses = curve()
+    r = lr_finder.RangeTestResult(lrs=list(lrs), losses=list(losses), num_iter=100,
+                                  suggestion=lr_finder.steepest_descent(lrs, losses)[0])
     full = lr_finder.choose_lr(r, smoke=False)
-    assert full["lr_max"] == 1e-3 and full["lr_min"] == pytest.approx(1e-4)
-    assert full["source"] == "lr_finder" and full["suggestion"] == 1e-3
+    assert full["lr_max"] == lr_finder.rules(r)[lr_finder.RULE] and full["lr_min"] == pytest.approx(full["lr_max"] / 10)
+    assert full["source"] == "lr_finder" and full["rule"] == lr_finder.RULE
+    valley = lr_finder.choose_lr(r, rule="valley")
+    assert valley["lr_max"] == full["rules"]["valley"] != full["lr_max"]
     smoke = lr_finder.choose_lr(r, smoke=True)
     assert smoke["lr_max"] == config.LR_MAX and smoke["lr_min"] == config.LR_MIN
-    assert smoke["suggestion"] == 1e-3 and "noise" in smoke["note"]
+    assert smoke["rules"] == full["rules"] and "noise" in smoke["note"]
+    with pytest.raises(ConfigError, match="unknown rule"):
+        lr_finder.choose_lr(r, rule="median")
 
 
 def test_plot_range_test():
@@ -215,8 +249,11 @@ def test_plot_range_test():
     r = lr_finder.RangeTestResult(lrs=list(1e-7 * (1e8 ** (np.arange(20) / 19))),
                                   losses=list(np.linspace(2.3, 1.0, 20)), suggestion=1e-3,
                                   num_iter=30, diverged=True, suggestion_index=11)
-    fig = plots.lr_range_test(r, lr_max=2.5e-3, lr_min=2.5e-4)
+    fig = plots.lr_range_test(r, lr_max=2.5e-3, lr_min=2.5e-4, reference=config.LR_MAX)
     ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("ln 10" in t for t in labels) and any("valley" in t for t in labels)
+    assert any(f"{config.LR_MAX:.2e}" in t for t in labels)
     assert ax.get_xscale() == "log"
     assert "learning rate" in ax.get_xlabel() and "loss" in ax.get_ylabel()
     assert "diverged" in ax.get_title()
