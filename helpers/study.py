@@ -94,9 +94,9 @@ VGG_VARIANTS = {
 # The LR story (notebook 03 -> 04): seed 001's LR_MAX, notebook 03's range-test suggestion on the
 # course's full run (2.15e-2, 8.5x as large) and their geometric middle, each with LR_MIN = LR_MAX / 10
 LR_VARIANTS = {
-    "LR_MAX 2.54e-3 (seed 001)": ("resnet9", {}),
+    "LR_MAX 2.54e-3 (S10's)": ("resnet9", {}),
     "LR_MAX 7.39e-3 (the geometric middle)": ("resnet9", {"lr": 7.39e-3, "lr_min": 7.39e-4}),
-    "LR_MAX 2.15e-2 (notebook 03's suggestion)": ("resnet9", {"lr": 2.15e-2, "lr_min": 2.15e-3}),
+    "LR_MAX 2.15e-2 (an earlier range test's steepest descent)": ("resnet9", {"lr": 2.15e-2, "lr_min": 2.15e-3}),
     # below seed 001's: does the validation accuracy peak near 2.54e-3, or keep rising as the LR falls?
     "LR_MAX 1.0e-3": ("resnet9", {"lr": 1e-3, "lr_min": 1e-4}),
     "LR_MAX 1.7e-4 (the valley rule)": ("resnet9", {"lr": 1.7e-4, "lr_min": 1.7e-5}),
