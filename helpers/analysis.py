@@ -1,5 +1,5 @@
 """Error analysis, on a model's predictions: per-image probabilities and loss, confusion
-matrix, per-class accuracy, the most confused pairs (seed 001's table), the misclassified
+matrix, per-class accuracy, the most confused pairs (S10's table), the misclassified
 images sorted by loss, Grad-CAM, and the tables the notebooks and the CLI print. The model
 runs through helpers.loop's `predict_logits`, as evaluation in training does.
 """

@@ -1,18 +1,18 @@
-"""Augmentation: the seed pipelines in albumentations 2.0.8, and the seed-001 pipeline on GPU batches.
+"""Augmentation: the reference systems' pipelines in albumentations 2.0.8, and S10's on GPU batches.
 
-Seed 001 (train):  pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
+S10 (train):       pad to 40x40 (reflect) -> RandomCrop 32x32 -> HorizontalFlip
                    -> pad to 48x48 -> CoarseDropout, one 8x8 hole filled with the dataset
                       mean -> CentreCrop 32x32 (so the hole may be cut by the border,
                       or fall wholly outside the image)
                    -> Normalize(mean, std) -> ToTensorV2
-Seed 004 (train):  HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
-flip-translate:    seed 001's pad-crop (pad 2, every image) and flip, no cutout (the fast recipe)
+Keras CNN (train): HorizontalFlip + slight shift + rotation up to 17 degrees -> Normalize
+flip-translate:    S10's pad-crop (pad 2, every image) and flip, no cutout (the fast recipe)
 altflip-translate: the same, but each image mirrored on alternate epochs (airbench94): a random
                    half in epoch 0, the other half in epoch 1, and so on; on the device only
 Test:              Normalize -> ToTensorV2
 
-Default probabilities follow seed 001: the pad-and-crop, the flip and the cutout each
-happen to half of the images. `BatchAugment` does the seed-001 transforms (and so also
+Default probabilities follow S10: the pad-and-crop, the flip and the cutout each
+happen to half of the images. `BatchAugment` does S10's transforms (and so also
 flip-translate) on whole uint8 batches already on the training device, drawing the same
 distributions.
 """
@@ -34,17 +34,17 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 from .errors import ConfigError, require_probability  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
-# Defaults (seed 001)
+# Defaults (S10)
 # ----------------------------------------------------------------------------------------
 PAD = 4            # 32 + 2*4 = 40, then a random 32x32 crop: 9x9 possible offsets
 HOLE = 8           # one 8x8 cutout hole ...
 CUTOUT_PAD = 8     # ... cut in the image padded to 48x48, then centre-cropped back to 32x32:
                    # its top-left corner is uniform over -8..32, so it can overlap the border
-CROP_P = 0.5       # seed 001: "RandomCrop is applied on half of the images"
+CROP_P = 0.5       # S10: "RandomCrop is applied on half of the images"
 FLIP_P = 0.5
-CUTOUT_P = 0.5     # seed 001: "CoarseDropout is applied on half of the images"
-SHIFT = 0.1        # seed 004: "slight" width/height shift, as a fraction of the side
-ROTATE = 17        # seed 004: rotation range in degrees
+CUTOUT_P = 0.5     # S10: "CoarseDropout is applied on half of the images"
+SHIFT = 0.1        # the Keras CNN: "slight" width/height shift, as a fraction of the side
+ROTATE = 17        # the Keras CNN: rotation range in degrees
 
 
 def _check_stats(mean, std) -> None:
@@ -63,7 +63,7 @@ def mean_fill(mean) -> tuple[int, int, int]:
 def train_transforms(mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
                      cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
                      cutout_pad: int = CUTOUT_PAD) -> A.Compose:
-    """Seed 001's training pipeline; returns a CHW float tensor."""
+    """S10's training pipeline; returns a CHW float tensor."""
     _check_stats(mean, std)
     for name, p in (("crop_p", crop_p), ("flip_p", flip_p), ("cutout_p", cutout_p)):
         require_probability(name, p)
@@ -100,7 +100,7 @@ test_transforms.__test__ = False  # a pipeline for the test split, not a pytest 
 
 def flip_shift_rotate_transforms(mean, std, *, flip_p: float = FLIP_P, shift: float = SHIFT,
                                  rotate: float = ROTATE, affine_p: float = 1.0) -> A.Compose:
-    """Seed 004's Keras ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
+    """The Keras CNN's ImageDataGenerator: flip, slight shift, rotation up to 17 degrees.
 
     Keras fills uncovered pixels with the nearest edge pixel ('nearest'), here BORDER_REPLICATE.
     """
@@ -118,7 +118,7 @@ def flip_shift_rotate_transforms(mean, std, *, flip_p: float = FLIP_P, shift: fl
     ])
 
 
-# The pipelines made of seed 001's transforms, by name, with their settings: what
+# The pipelines made of S10's transforms, by name, with their settings: what
 # train_transforms and, on the device, BatchAugment run. flip-translate (the fast recipe): a
 # flip, and a shift of up to 2 pixels on every image (reflect-padded to 36x36, then a random
 # 32x32 crop); no cutout.
@@ -181,7 +181,7 @@ def augment_images(transform: A.Compose, images, *, stats: tuple, seed: int = 0)
 
 
 # ----------------------------------------------------------------------------------------
-# The fast path: seed 001's transforms on whole batches, on the training device
+# The fast path: S10's transforms on whole batches, on the training device
 # ----------------------------------------------------------------------------------------
 class BatchAugment:
     """Pad-and-crop, flip and one cutout hole for a uint8 batch (N, 32, 32, 3) on any device.
@@ -190,7 +190,7 @@ class BatchAugment:
     (2*pad+1)^2 positions with probability crop_p (else the centre, i.e. no crop); a flip
     with probability flip_p; with probability cutout_p one hole x hole square filled with
     the mean pixel, its top-left corner uniform over -cutout_pad..32+cutout_pad-hole (image
-    coordinates), so that it may be cut by the border or miss the image, as in seed 001.
+    coordinates), so that it may be cut by the border or miss the image, as in S10.
     Returns normalised float NCHW. `sample` and `apply` are separate so that tests can
     feed identical parameters to both implementations. With alternate_flips the loader sets
     each batch's flips itself (helpers.loaders.DeviceLoader: image by image, epoch by epoch).

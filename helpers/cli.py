@@ -96,7 +96,7 @@ RECIPE_FLAGS = {
     "early_stopping_patience": (("--patience",), non_negative_int, "early stopping patience in epochs; 0: off"),
     "seed": (("--seed",), int, "seed of the weights, shuffling and augmentation"),
 }
-TRAIN_DOC = """Train a model on CIFAR-10 with its seed recipe (helpers.config.RECIPES); each recipe flag overrides one
+TRAIN_DOC = """Train a model on CIFAR-10 with its reference recipe (helpers.config.RECIPES); each recipe flag overrides one
 setting. Writes into --checkpoints <arch>_last.pt every epoch (for --resume), <arch>_history.json, <arch>_curves.png
 and with --serialize <arch>.pt. Under torchrun --nproc_per_node=N the effective batch is N x --train_batch."""
 SMOKE_HELP = (f"the smoke subset: {config.SMOKE_TRAIN_PER_CLASS * 10:,} train / {config.SMOKE_TEST_PER_CLASS * 10} test "
@@ -115,9 +115,10 @@ def _command(sub, name: str, summary: str, description: str, *examples: str):
 def _add_train(sub) -> None:
     a = _command(sub, "train", "train a model on CIFAR-10", TRAIN_DOC, "--arch resnet9 --serialize",
                  "--arch resnet9 --recipe tuned --amp bf16 --channels-last", "--arch vgg --e 15 --lr 0.001")
-    a("--arch", choices=MODEL_NAMES, default="resnet9", help="the architecture, with its seed recipe")
+    a("--arch", choices=MODEL_NAMES, default="resnet9", help="the architecture, with its reference recipe")
     a("--model", dest="arch", choices=MODEL_NAMES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # --arch's old name
-    a("--recipe", choices=tuple(RECIPE_CHOICES), default="seed", help="tuned: Page's ResNet-9 recipe (resnet9 only)")
+    a("--recipe", choices=tuple(RECIPE_CHOICES), default="seed",
+      help="seed: the architecture's reference recipe; tuned: Page's ResNet-9 recipe (resnet9 only)")
     a("--train_path", help="a torchvision CIFAR-10 folder or a train/<class>, test/<class> image tree "
       "(default: $CIFAR10_DIR, else ./data/, downloading there if needed)")
     a("--test_path", "--tp", help="where the test split comes from (default: TRAIN_PATH)")
@@ -148,18 +149,18 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m helpers", formatter_class=_Formatter,
                      description="Train, test and use the CIFAR-10 course models "
-                                 "(seed 001's ResNet-9, seed 003's VGG, seed 004's compact CNN, the fast net).",
+                                 "(S10's ResNet-9, the VGG exercise's network, the Keras CNN, the fast net).",
                      epilog="Run `python -m helpers COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     a = _command(sub, "test", "evaluate a saved model on the test set", "Evaluate a saved model on the CIFAR-10 "
-                 "test set: overall and per-class accuracy, the most\nconfused pairs and seed 003's picture of "
+                 "test set: overall and per-class accuracy, the most\nconfused pairs and the VGG exercise's picture of "
                  "predictions (green right, red wrong).", "--model models/resnet9.pt", "--model models/vgg.pt --cm",
                  "--model models/resnet9_cifar10.pt --tta flip")
     a("--model", required=True, help="the checkpoint to test, e.g. models/resnet9.pt (required)")
     a("--test_path", "--tp", metavar="TP", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data/)")
     a("--download", action="store_true", help="download CIFAR-10 into TP if it is missing")
-    a("--batch", "--test_batch", type=positive_int, default=256, help="evaluation batch size (seed 003 used 8)")
+    a("--batch", "--test_batch", type=positive_int, default=256, help="evaluation batch size (the VGG exercise used 8)")
     a("--tta", choices=tuple(TTA_CHOICES), default="recipe", help="test-time augmentation: the one the model's "
       "recipe tests with, none, the mirror image (2 views), or the mirror and 1-pixel shifts (6 views)")
     a("--confusion", "--cm", action="store_true", help="also print and save the confusion matrix")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
         if not args.verbose:
-            warnings.simplefilter("ignore")      # seed 003: warnings only with --verbose
+            warnings.simplefilter("ignore")      # the VGG exercise: warnings only with --verbose
         try:
             if getattr(args, "smoke", None) is None:
                 args.smoke = config.smoke_mode()             # the flag, else SMOKE_TEST (an entry point)
@@ -221,7 +222,7 @@ def _save(what: str, path: Path, obj, flag: str = "--out") -> None:
 # the commands: train, test and predict
 # ----------------------------------------------------------------------------------------
 def train_recipe(args):
-    """(name, recipe): the seed or tuned recipe (smoke-shrunk) with the flags given, checked by Recipe.validate."""
+    """(name, recipe): the reference or tuned recipe (smoke-shrunk) with the flags given, checked by Recipe.validate."""
     name = RECIPE_CHOICES[args.recipe] or args.arch
     if config.RECIPES[name].model != args.arch:
         raise ConfigError(f"--recipe {args.recipe} is a {config.RECIPES[name].model} recipe, not {args.arch}: "

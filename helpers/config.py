@@ -1,6 +1,6 @@
-"""Settings: the seed recipes as plain, commented defaults, and smoke mode.
+"""Settings: the reference systems' recipes as plain, commented defaults, and smoke mode.
 
-Everything a run can change lives in one `Recipe`. `recipe("resnet9")` returns seed 001's
+Everything a run can change lives in one `Recipe`. `recipe("resnet9")` returns S10's
 recipe; `recipe("resnet9", smoke=True)` shrinks it so that a CPU finishes in seconds (about
 1,000 train and 500 test images, few epochs, a short LR range test). Only the entry points
 read the SMOKE_TEST variable (`smoke_mode()`): the notebooks' first cells, the command line
@@ -16,15 +16,16 @@ from pathlib import Path
 from .errors import ConfigError, require_positive, require_whole
 
 # ----------------------------------------------------------------------------------------
-# Seed 001: the custom ResNet-9 with the OneCycle policy (the heart of the course)
+# S10 (https://github.com/sayanbanerjee32/TASI_ERAv2_S10): the custom ResNet-9 with the OneCycle policy
+# (the heart of the course)
 # ----------------------------------------------------------------------------------------
 BATCH_SIZE = 512          # 50,000 / 512 -> 98 steps per epoch
 EPOCHS = 24               # 98 * 24 = 2,352 steps in all
 PEAK_EPOCH = 5            # LR peaks at the end of epoch 5 (0-based step 489 of 0..2,351)
-LR_MAX = 2.54e-3          # seed 001's LR range-test suggestion for Adam at batch 512
+LR_MAX = 2.54e-3          # S10's LR range-test suggestion for Adam at batch 512
 LR_MIN = LR_MAX / 10      # the LR at step 0 and at the last step: no annihilation below it
 OPTIMIZER = "adam"        # Adam with PyTorch defaults (betas 0.9, 0.999), no weight decay
-DROPOUT = 0.1             # seed 001: "dropout in all layers"; 0.1 is its package's default rate
+DROPOUT = 0.1             # S10: "dropout in all layers"; 0.1 is its package's default rate
 # loss: CrossEntropyLoss on the logits (the model's "SoftMax" lives inside the loss)
 
 # ----------------------------------------------------------------------------------------
@@ -84,10 +85,10 @@ class Recipe:
     momentum: float = 0.9            # SGD momentum (Adam/NAdam use it as beta1)
     nesterov: bool = False
     weight_decay: float = 0.0
-    dropout: float = 0.0             # ResNet-9 only: Dropout after every Conv-BN-ReLU (seed 001)
+    dropout: float = 0.0             # ResNet-9 only: Dropout after every Conv-BN-ReLU (S10)
     logit_scale: float = 1.0         # ResNet-9 only: multiplies the logits (Page: 0.125)
     label_smoothing: float = 0.0
-    augment: str = "crop-flip-cutout"   # seed 001's; also "flip-shift-rotate" (seed 004's), "flip-translate",
+    augment: str = "crop-flip-cutout"   # S10's; also "flip-shift-rotate" (the Keras CNN's), "flip-translate",
                                         # "altflip-translate" or "none" (helpers.augment.AUGMENTATIONS)
     early_stopping_patience: int | None = None   # epochs without improvement, None = off
     val_split: float = 0.0           # fraction of train held out for early stopping
@@ -97,7 +98,7 @@ class Recipe:
     whiten: bool = True              # fast net only: its first layer computed from the data (False: learned)
     normalize: bool = True           # standardise inputs with the training set's channel mean/std
                                      # (False: pixels scaled to [0, 1] only, as torchvision's ToTensor)
-    lr_start: float | None = None    # OneCycle's LR at step 0; None means lr_min (seed 001's symmetric cycle)
+    lr_start: float | None = None    # OneCycle's LR at step 0; None means lr_min (S10's symmetric cycle)
     # the fast net's ingredients from airbench94, off by default (results/fast_attempts.md)
     bn_bias_lr: float = 1.0          # BatchNorm biases train at this multiple of the LR, their weight decay / it
     frozen_bn_scales: bool = False   # BatchNorm scales fixed at 1, not trained
@@ -134,7 +135,7 @@ class Recipe:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}: try {DROPOUT}")
         if self.dropout and self.model != "resnet9":
-            raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its seed's own")
+            raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its reference system's own")
         if not self.logit_scale > 0 or (self.logit_scale != 1.0 and self.model != "resnet9"):
             raise ConfigError(f"logit_scale must be > 0 and is an option of resnet9 only, got "
                               f"{self.logit_scale!r} for {self.model}")
@@ -184,12 +185,13 @@ FAST_ONLY = ("bn_bias_lr", "frozen_bn_scales", "bn_momentum", "bn_eps", "dirac_i
 
 
 # ----------------------------------------------------------------------------------------
-# The recipes of the three seed systems, a tuned ResNet-9 recipe and the fast recipe
+# The recipes of the three reference systems (S10, the VGG exercise, the Keras CNN), a tuned
+# ResNet-9 recipe and the fast recipe
 # ----------------------------------------------------------------------------------------
 RECIPES: dict[str, Recipe] = {
-    # seed 001: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512, dropout
+    # S10: Adam + OneCycle (24 epochs, peak at 5, no annihilation), batch 512, dropout
     "resnet9": Recipe(dropout=DROPOUT,
-                      notes="seed 001: custom ResNet with dropout, Adam, OneCycle, pad-crop/flip/cutout"),
+                      notes="S10: custom ResNet with dropout, Adam, OneCycle, pad-crop/flip/cutout"),
     # Page's tuned choices. He used weight decay 5e-4 x 512 on a summed loss with the LR
     # divided by 512; on PyTorch's mean loss that is exactly LR 0.4 with weight decay 5e-4.
     # His network also multiplies its logits by 0.125: without that, LR 0.4 makes the loss jump
@@ -198,8 +200,8 @@ RECIPES: dict[str, Recipe] = {
         optimizer="sgd", lr=0.4, nesterov=True, momentum=0.9, weight_decay=5e-4,
         label_smoothing=0.2, tta_flip=True, logit_scale=0.125,
         notes="Page's tuned recipe: SGD Nesterov, weight decay 5e-4, label smoothing 0.2, logits x 0.125, flip TTA"),
-    # seed 003: VGG-style CNN. Stated by the seed: 15 epochs, LR 0.001, momentum 0.9, dropout 0.5
-    # in the classifier, test batch 8. Not stated, so measured (results/vgg_settings_study.md):
+    # the VGG exercise: a VGG-style CNN. Stated by the exercise: 15 epochs, LR 0.001, momentum 0.9,
+    # dropout 0.5 in the classifier, test batch 8. Not stated, so measured (results/vgg_settings_study.md):
     # the training batch, 16 (at 64 the default-initialised net sits at ln 10 for four epochs and
     # ends at 62.41 %; at 16 the same 15 epochs take 4x the SGD steps and reached 78.82 % on a GPU,
     # results/gpu_runs.md); the optimizer, SGD; the input, normalised with the training set's mean/std;
@@ -207,15 +209,15 @@ RECIPES: dict[str, Recipe] = {
     "vgg": Recipe(
         model="vgg", optimizer="sgd", lr=1e-3, momentum=0.9, schedule="constant", epochs=15,
         batch_size=16, test_batch_size=8, augment="none",
-        notes="seed 003: VGG-style CNN, SGD momentum 0.9, LR 0.001, 15 epochs, batch 16 (measured)"),
-    # seed 004: compact CNN, NAdam 0.0025 at batch 64, flip/shift/rotate, early stopping
+        notes="the VGG exercise: VGG-style CNN, SGD momentum 0.9, LR 0.001, 15 epochs, batch 16 (measured)"),
+    # the Keras CNN: a compact CNN, NAdam 0.0025 at batch 64, flip/shift/rotate, early stopping
     "compact": Recipe(
         model="compact", optimizer="nadam", lr=2.5e-3, schedule="constant", epochs=200,
         batch_size=64, test_batch_size=1024, augment="flip-shift-rotate", early_stopping_patience=35,
         val_split=0.1,
-        notes="seed 004: compact CNN, NAdam 0.0025, batch 64, early stopping (patience 35 of 200)"),
-    # beyond the seeds: the fast net (helpers.models.FastNet) trained as Keller Jordan's airbench94
-    # trains it, in this course's units (results/fast_attempts.md, results/fast_ingredients.md).
+        notes="the Keras CNN: compact CNN, NAdam 0.0025, batch 64, early stopping (patience 35 of 200)"),
+    # beyond the three reference systems: the fast net (helpers.models.FastNet) trained as Keller
+    # Jordan's airbench94 trains it, in this course's units (results/fast_attempts.md, results/fast_ingredients.md).
     # airbench94's LR 11.5 and weight decay 0.0153 "per 1,024 examples" on a summed loss with
     # momentum 0.85 are, on PyTorch's mean loss at batch 1,024, SGD's LR 11.5 / (1 + 1 / (1 - 0.85))
     # = 1.5 and weight decay 0.0153 / 11.5; its triangular cycle runs 0.2 -> 1 -> 0.07 of the peak.

@@ -4,7 +4,7 @@ evaluates after each; `train` runs a whole recipe from helpers.config.
     history = fit(model, train_loader, eval_loader, optimizer=optimizer, epochs=epochs, scheduler=scheduler)
     history["eval_acc"][-1], history["lr"]        # per-epoch metrics, the LR at every step
 
-Around the loop, each on its own: early stopping (seed 004), checkpoints with exact resume,
+Around the loop, each on its own: early stopping (the Keras CNN's), checkpoints with exact resume,
 and the placing of the model (device, channels_last, torch.compile, DistributedDataParallel).
 The step itself, with its device handling and mixed precision, is in helpers.loop; the
 loaders in helpers.loaders; how a run uses the hardware (RunOptions) in helpers.hardware.
@@ -127,7 +127,7 @@ def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, 
 
 
 # ----------------------------------------------------------------------------------------
-# Early stopping (seed 004)
+# Early stopping (the Keras CNN's)
 # ----------------------------------------------------------------------------------------
 class EarlyStopping:
     """Stop after `patience` epochs without a better monitored accuracy; keep the best weights."""

@@ -1,9 +1,9 @@
-"""Models: the three seed networks and the fast net. Each returns logits (the softmax lives in the loss).
+"""Models: the three reference systems' networks and the fast net. Each returns logits (the softmax lives in the loss).
 
-  resnet9  seed 001's custom ResNet (after Page's "How to train your ResNet"), 6,573,120 params
-  vgg      seed 003's VGG-style CNN, exactly as its code listing,               34,749,002 params
+  resnet9  S10's custom ResNet (after Page's "How to train your ResNet"),        6,573,120 params
+  vgg      the VGG exercise's VGG-style CNN, exactly as its code listing,       34,749,002 params
            (with rank=r its two 4096x4096 layers are low-rank: 1,194,570 + 16,384 r params)
-  compact  seed 004's compact Keras CNN, ported to PyTorch,                        419,818 params
+  compact  the Keras CNN (a compact net), ported to PyTorch,                       419,818 params
   fast     a small net for minutes-long CPU runs (ideas of Keller Jordan's airbench94), 1,972,504
            trainable params; its first layer is a frozen whitening filter set from data
 """
@@ -19,10 +19,10 @@ from .errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------
-# Seed 001: ResNet-9
+# S10: ResNet-9
 # ----------------------------------------------------------------------------------------
 def conv_bn(c_in: int, c_out: int, pool: bool = False, dropout: float = 0.0) -> nn.Sequential:
-    """Conv 3x3 (s1, p1, no bias) [-> MaxPool 2] -> BN -> ReLU [-> Dropout], as seed 001 orders them."""
+    """Conv 3x3 (s1, p1, no bias) [-> MaxPool 2] -> BN -> ReLU [-> Dropout], as S10 orders them."""
     layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -45,10 +45,10 @@ class Residual(nn.Module):
 
 
 class ResNet9(nn.Module):
-    """Seed 001's ResNet: PrepLayer 64 -> Layer1 128 (+res) -> Layer2 256 -> Layer3 512 (+res)
+    """S10's ResNet: PrepLayer 64 -> Layer1 128 (+res) -> Layer2 256 -> Layer3 512 (+res)
     -> MaxPool 4 -> FC 10 (no bias). 6,573,120 parameters.
 
-    dropout > 0 puts a Dropout after every Conv-BN-ReLU, as seed 001 did ("dropout in all
+    dropout > 0 puts a Dropout after every Conv-BN-ReLU, as S10 did ("dropout in all
     layers"; its package's default rate is 0.1). logit_scale multiplies the logits, as Page's
     ResNet-9 does (0.125): without it, SGD at Page's LR 0.4 blows the loss up in its first
     steps. Neither has parameters, so checkpoints hold the same weights either way.
@@ -75,7 +75,7 @@ class ResNet9(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Seed 003: VGG-style CNN (6 convs with ReLU, 3 max-pools, 3 linear layers with dropout)
+# The VGG exercise: VGG-style CNN (6 convs with ReLU, 3 max-pools, 3 linear layers with dropout)
 # ----------------------------------------------------------------------------------------
 VGG_WIDTH = 4096          # the hidden linear layers' width: 256 channels x 4 x 4 pixels
 VGG_LOW_RANK_LAYERS = (0, 3)     # lin.0 and lin.3, the two 4096x4096 layers (33.5 M of 34.7 M parameters)
@@ -126,11 +126,11 @@ def svd_of(weight: torch.Tensor):
 
 
 class VGGNet(nn.Module):
-    """Seed 003's network, layer for layer as in its listing.
+    """The VGG exercise's network, layer for layer as in its listing.
 
     rank=r makes lin.0 and lin.3 (4096 -> 4096) `LowRank` layers (4096 -> r -> 4096): what
     `low_rank_vgg` turns a trained model into, to ship it small. Without it the network and its
-    state_dict are exactly seed 003's."""
+    state_dict are exactly the VGG exercise's."""
 
     def __init__(self, num_classes: int = 10, rank: int | None = None):
         super().__init__()
@@ -185,14 +185,14 @@ def low_rank_vgg(model: VGGNet, rank: int, svds: dict | None = None) -> VGGNet:
 
 
 # ----------------------------------------------------------------------------------------
-# Seed 004: compact CNN (Keras original: Conv -> BN -> ELU, same padding)
+# The Keras CNN: compact CNN (Keras original: Conv -> BN -> ELU, same padding)
 # ----------------------------------------------------------------------------------------
 def conv_bn_elu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ELU()]
 
 
 class CompactCNN(nn.Module):
-    """Seed 004: three blocks of two convs (32, 64, 128 filters), each block ending in a 2x2
+    """The Keras CNN: three blocks of two convs (32, 64, 128 filters), each block ending in a 2x2
     max-pool and dropout (0.2, 0.2, 0.3); then Dense 64 -> BN -> ELU -> dropout 0.3 -> Dense 10.
     419,818 trainable parameters (Keras counts 420,842 with BatchNorm's 1,024 moving statistics).
     """
@@ -214,7 +214,7 @@ class CompactCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Beyond the seeds: the fast net (about 1/3 of ResNet-9's arithmetic per image)
+# Beyond the three reference systems: the fast net (about 1/3 of ResNet-9's arithmetic per image)
 # ----------------------------------------------------------------------------------------
 WHITEN_SIZE = 2           # the whitening filters see 2x2 patches: 2*2*3 = 12 dimensions
 WHITEN_EPS = 5e-4         # added to each eigenvalue: keeps near-empty directions from blowing up
@@ -338,10 +338,10 @@ MODELS = {"resnet9": ResNet9, "vgg": VGGNet, "compact": CompactCNN, "fast": Fast
 
 def get_model(name: str, *, num_classes: int = 10, dropout: float = 0.0, logit_scale: float = 1.0,
               rank: int | None = None) -> nn.Module:
-    """A fresh model by name: 'resnet9', 'vgg', 'compact' or 'fast'. `dropout` (seed 001) and
+    """A fresh model by name: 'resnet9', 'vgg', 'compact' or 'fast'. `dropout` (S10) and
     `logit_scale` (Page) are ResNet-9's options; `rank` (1 to 4095) makes vgg's two 4096x4096
-    layers low-rank (see low_rank_vgg); vgg and compact are otherwise exactly their seeds', and
-    fast needs `init_whitening` with training images before it trains."""
+    layers low-rank (see low_rank_vgg); vgg and compact are otherwise exactly their reference
+    systems', and fast needs `init_whitening` with training images before it trains."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if rank is not None and name != "vgg":

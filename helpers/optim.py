@@ -1,4 +1,4 @@
-"""Optimizers by name, seed 001's OneCycle schedule (linear up, linear down, no annihilation),
+"""Optimizers by name, S10's OneCycle schedule (linear up, linear down, no annihilation),
 and airbench94's Lookahead.
 
     optimizer = make_optimizer("adam", model.parameters(), lr=2.54e-3)
@@ -15,9 +15,9 @@ from torch import nn
 from .errors import ConfigError, require_positive, require_whole
 
 OPTIMIZERS = {   # name -> (torch class, how the recipe's momentum enters it)
-    "adam": "Adam, momentum as beta1 (seed 001)",
-    "sgd": "SGD with momentum, optionally Nesterov (seed 003, Page, the fast net)",
-    "nadam": "NAdam, momentum as beta1 (seed 004)",
+    "adam": "Adam, momentum as beta1 (S10)",
+    "sgd": "SGD with momentum, optionally Nesterov (the VGG exercise, Page, the fast net)",
+    "nadam": "NAdam, momentum as beta1 (the Keras CNN)",
 }
 
 
@@ -121,7 +121,7 @@ class Lookahead:
 
 def one_cycle(optimizer: torch.optim.Optimizer, lr_max: float, lr_min: float | None = None, *,
               epochs: int = 24, steps_per_epoch: int = 98, peak_epoch: int = 5, lr_start: float | None = None):
-    """Seed 001's OneCycle policy: torch's OneCycleLR, stepped once per batch.
+    """S10's OneCycle policy: torch's OneCycleLR, stepped once per batch.
 
     The LR rises linearly from lr_min (default lr_max / 10) at step 0 to lr_max on the last
     step of epoch `peak_epoch`, then falls linearly back to lr_min on the very last step.

@@ -1,9 +1,9 @@
 """Studies: several variants of a recipe, as short runs on a subset that finish in minutes.
 
-"overfitting" is seed 001's study: its ResNet-9 overfit (98 % train, 93 % test), so it put
+"overfitting" is S10's study: its ResNet-9 overfit (98 % train, 93 % test), so it put
 dropout in all layers, and tried weight decay 1e-3 (no help) and 1e-2 (hurt); Page's tuned
 recipe is compared too. "fast" is the fast recipe's ablation: one ingredient left out per row.
-"lr" puts seed 001's LR_MAX beside notebook 03's range-test suggestion, on a validation split.
+"lr" puts S10's LR_MAX beside notebook 03's range-test suggestion, on a validation split.
 
     rows = run_study(load_cifar10(), auto_options())["rows"]        # one dict per variant
     rows = run_study(load_cifar10(), auto_options(), study="fast")["rows"]
@@ -30,12 +30,12 @@ from .errors import ConfigError, CourseError, DivergenceError
 # ----------------------------------------------------------------------------------------
 TRAIN_PER_CLASS = 1000        # 10,000 training images
 TEST_PER_CLASS = 200          # 2,000 test images
-EPOCHS = 6                    # OneCycle peaks at the end of epoch 1 (seed 001: 5 of 24)
+EPOCHS = 6                    # OneCycle peaks at the end of epoch 1 (S10: 5 of 24)
 PEAK_EPOCH = 1
 SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS, SMOKE_EPOCHS = 20, 10, 1
 TRAIN_ACC_PER_CLASS = 1000    # train accuracy is read on at most this many training images per class
 
-# name -> (recipe, changes). Seed 001 tried weight decay on top of its dropout.
+# name -> (recipe, changes). S10 tried weight decay on top of its dropout.
 VARIANTS = {
     "no regularisation": ("resnet9", {"dropout": 0.0}),
     "dropout 0.1 (seed 001)": ("resnet9", {}),
@@ -76,9 +76,9 @@ FAST_INGREDIENT_VARIANTS = {
         "fast", {"lr": 0.6, "lr_start": 0.12, "lr_min": 0.042, "momentum": 0.9, "weight_decay": 5e-4}),
 }
 
-# Seed 003's unstated settings, found by measurement. The seed states 15 epochs, SGD's LR 0.001
-# and momentum 0.9, the VGG with dropout 0.5 and a test batch of 8; it leaves out the training
-# batch, the optimizer (its --momentum is "used by SGD/Adam (if used)") and the preprocessing.
+# The VGG exercise's unstated settings, found by measurement. The exercise states 15 epochs, SGD's
+# LR 0.001 and momentum 0.9, the VGG with dropout 0.5 and a test batch of 8; it leaves out the
+# training batch, the optimizer (its --momentum is "used by SGD/Adam (if used)") and the preprocessing.
 # Each row changes one of those from the first reading (batch 64, SGD, normalised input).
 VGG_VARIANTS = {
     "batch 64, SGD, normalised (first reading)": ("vgg", {"batch_size": 64}),
@@ -91,13 +91,14 @@ VGG_VARIANTS = {
 }
 
 
-# The LR story (notebook 03 -> 04): seed 001's LR_MAX, notebook 03's range-test suggestion on the
-# course's full run (2.15e-2, 8.5x as large) and their geometric middle, each with LR_MIN = LR_MAX / 10
+# The LR story (notebook 03 -> 04): S10's LR_MAX (= a tenth of the range test's lowest smoothed loss,
+# 2.60e-3), LRs 3x above and below it, an earlier version of notebook 03's steepest descent (2.15e-2)
+# and fastai's valley on today's test (1.7e-4), each with LR_MIN = LR_MAX / 10
 LR_VARIANTS = {
     "LR_MAX 2.54e-3 (S10's)": ("resnet9", {}),
     "LR_MAX 7.39e-3 (the geometric middle)": ("resnet9", {"lr": 7.39e-3, "lr_min": 7.39e-4}),
     "LR_MAX 2.15e-2 (an earlier range test's steepest descent)": ("resnet9", {"lr": 2.15e-2, "lr_min": 2.15e-3}),
-    # below seed 001's: does the validation accuracy peak near 2.54e-3, or keep rising as the LR falls?
+    # below S10's: does the validation accuracy peak near 2.54e-3, or keep rising as the LR falls?
     "LR_MAX 1.0e-3": ("resnet9", {"lr": 1e-3, "lr_min": 1e-4}),
     "LR_MAX 1.7e-4 (the valley rule)": ("resnet9", {"lr": 1.7e-4, "lr_min": 1.7e-5}),
 }
@@ -121,7 +122,7 @@ class Study:
 
 
 STUDIES = {
-    "overfitting": Study("Seed 001's overfitting study", VARIANTS, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS,
+    "overfitting": Study("S10's overfitting study", VARIANTS, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS,
                          PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json", held_out="test"),
     # 20,000 images at batch 512 give 39 steps per epoch; the full recipe runs 49 at batch 1024
     "fast": Study("The first fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
@@ -129,10 +130,10 @@ STUDIES = {
                   baseline="fast recipe"),
     # 2,000 training images for the stated 15 epochs, scored on 1,000 held-out training images:
     # batch 4 alone costs 20 min here (about 25 images/s against 185 at batch 64)
-    "vgg": Study("Seed 003's unstated settings", VGG_VARIANTS, 200, 100, 15, 1,
+    "vgg": Study("The VGG exercise's unstated settings", VGG_VARIANTS, 200, 100, 15, 1,
                  config.REPO_ROOT / "results" / "vgg_settings_study.json"),
     # the overfitting study's short setup, scored on 2,000 held-out training images
-    "lr": Study("Seed 001's LR_MAX against the range test's suggestion", LR_VARIANTS, TRAIN_PER_CLASS,
+    "lr": Study("S10's LR_MAX against the range test's suggestion", LR_VARIANTS, TRAIN_PER_CLASS,
                 TEST_PER_CLASS, EPOCHS, PEAK_EPOCH, config.REPO_ROOT / "results" / "lr_study.json"),
     # the whole training set less 5,000 held-out images, the recipe's 10 epochs: each row is a full run
     "fast-ingredients": Study("airbench94's ingredients on the fast net", FAST_INGREDIENT_VARIANTS, 4500, 500, 10, 2,
@@ -221,7 +222,7 @@ RESULTS = STUDIES["overfitting"].results
 
 
 def load_study(path=RESULTS) -> dict:
-    """A committed measurement (written by `python -m helpers.study`): seed 001's overfitting
+    """A committed measurement (written by `python -m helpers.study`): S10's overfitting
     study by default, `STUDIES["fast"].results` for the fast recipe's ablation."""
     import json
 
