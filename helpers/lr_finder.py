@@ -128,12 +128,12 @@ def default_num_iter(smoke: bool) -> int:
 
 
 def default_batch_size(smoke: bool) -> int:
-    """Seed 001's batch size (512), or config.SMOKE_BATCH_SIZE in smoke mode."""
+    """S10's batch size (512), or config.SMOKE_BATCH_SIZE in smoke mode."""
     return config.SMOKE_BATCH_SIZE if smoke else config.BATCH_SIZE
 
 
 def range_test_loader(data, batch_size: int = config.BATCH_SIZE, seed: int = 0):
-    """The shuffled, augmented (seed 001) training loader a range test draws its batches from."""
+    """The shuffled, augmented (S10's) training loader a range test draws its batches from."""
     from .augment import train_transforms
     from .loaders import make_loader
 
@@ -235,7 +235,7 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
     lr_min = lr_max / 10 if lr_min is None and isinstance(lr_max, (int, float)) else lr_min
     if isinstance(lr_min, (np.floating, np.integer)):
         lr_min = lr_min.item()
-    _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (seed 001 uses lr_max / 10)")
+    _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (S10 uses lr_max / 10)")
     record = {"lr_max": float(lr_max), "lr_min": float(lr_min), "source": info.pop("source", "manual"),
               **info}
     try:
@@ -246,7 +246,7 @@ def save_lr_choice(path, lr_max: float, lr_min: float | None = None, **info) -> 
 
 
 def load_lr_choice(path) -> dict:
-    """The saved LR choice, or seed 001's documented defaults when there is no file.
+    """The saved LR choice, or S10's documented values when there is no file.
 
     Missing file: {"lr_max": config.LR_MAX (2.54e-3), "lr_min": config.LR_MIN (LR_MAX / 10),
     "source": "defaults", "note": ...}. A file that is not valid JSON or holds bad values
@@ -255,7 +255,7 @@ def load_lr_choice(path) -> dict:
     path = Path(path)
     if not path.is_file():
         return {"lr_max": config.LR_MAX, "lr_min": config.LR_MIN, "source": "defaults",
-                "note": f"no {path.name} found: seed 001's LR_MAX and LR_MIN from helpers.config "
+                "note": f"no {path.name} found: S10's LR_MAX and LR_MIN from helpers.config "
                         "(run 03_lr_finder.ipynb to choose your own)"}
     try:
         record = json.loads(path.read_text())
@@ -269,7 +269,7 @@ def load_lr_choice(path) -> dict:
     if lr_min is None and isinstance(lr_max, (int, float)) and not isinstance(lr_max, bool):
         lr_min = lr_max / 10
     try:
-        _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (seed 001 uses lr_max / 10)")
+        _check_ordered("lr_min", lr_min, "lr_max", lr_max, " (S10 uses lr_max / 10)")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     record.update(lr_max=float(lr_max), lr_min=float(lr_min))
@@ -278,7 +278,7 @@ def load_lr_choice(path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# The planned OneCycle schedule (seed 001), computed with the training engine's own scheduler
+# The planned OneCycle schedule (S10's), computed with the training engine's own scheduler
 # ----------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class SchedulePlan:
@@ -318,7 +318,7 @@ def planned_one_cycle(lr_max: float = config.LR_MAX, lr_min: float | None = None
                       train_size: int = 50_000, batch_size: int = config.BATCH_SIZE) -> SchedulePlan:
     """Step helpers.optim.one_cycle on a dummy optimizer and record the LR of every step.
 
-    The defaults are seed 001's full run: 50,000 images at batch 512 -> 98 steps per epoch,
+    The defaults are S10's full run: 50,000 images at batch 512 -> 98 steps per epoch,
     24 epochs -> 2,352 steps, the peak on the last step of epoch 5 (step 489).
     """
     from .optim import one_cycle

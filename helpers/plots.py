@@ -261,7 +261,7 @@ def confusion_matrix(cm, classes, normalize: bool = False, title: str = "Confusi
 
 
 def prediction_grid(images, labels, preds, *, classes, ncols: int = 8, title: str | None = None):
-    """Seed 003's picture: each image titled with its prediction, green if right, red if wrong."""
+    """The VGG exercise's picture: each image titled with its prediction, green if right, red if wrong."""
     labels, preds = np.asarray(labels), np.asarray(preds)
     titles = [f"{classes[p]}" + ("" if p == t else f"\n(true: {classes[t]})") for t, p in zip(labels, preds)]
     colors = ["green" if p == t else "red" for t, p in zip(labels, preds)]
@@ -285,7 +285,7 @@ def misclassified(images, labels, preds, *, probs, classes, ncols: int = 5, titl
 
 
 def probability_bars(images, probs, classes, *, labels=None, top: int | None = None, values: bool = True):
-    """Seed 004's picture: each image beside a bar chart of its class probabilities, with
+    """The Keras CNN's picture: each image beside a bar chart of its class probabilities, with
     (values=True) each probability of 0.5 % or more written beside its bar."""
     n = len(images)
     fig, axes = plt.subplots(n, 2, figsize=(8, 1.9 * n), squeeze=False,
@@ -336,7 +336,7 @@ def grad_cam_pairs(images, cam_pred, cam_true, *, labels, preds, classes, alpha:
 
 
 def pad_crop(images, crop_yx, *, pad: int, title: str | None = None, size: float = 1.7):
-    """Seed 001's pad-and-crop made visible, one column per image: on top the image
+    """S10's pad-and-crop made visible, one column per image: on top the image
     reflect-padded to (32 + 2*pad) pixels, with its original place (dashed white box) and the
     random 32x32 crop window (yellow box); below, the crop, i.e. what the network sees, with
     the original's border dashed (outside it: reflected pixels). `crop_yx` holds each
@@ -373,7 +373,7 @@ def pad_crop(images, crop_yx, *, pad: int, title: str | None = None, size: float
 
 
 def cutout_geometry(image, crop_yx, hole_yx, *, pad: int, cutout_pad: int, hole: int, fill=None):
-    """Seed 001's two paddings on one image: the 40x40 reflect-padded frame with the random
+    """S10's two paddings on one image: the 40x40 reflect-padded frame with the random
     32x32 crop box, then the crop padded to 48x48 with the 8x8 hole (filled with `fill`, the
     pipeline's mean pixel, augment.mean_fill(mean), when given; outlined in red) and the centre
     crop box."""
@@ -403,7 +403,7 @@ def cutout_geometry(image, crop_yx, hole_yx, *, pad: int, cutout_pad: int, hole:
     return fig
 
 
-def study(rows, title: str = "Seed 001's overfitting study"):
+def study(rows, title: str = "S10's overfitting study"):
     """Train and test accuracy (%) of each variant of helpers.study, the gap written above."""
     names = [r["variant"] for r in rows]
     train = 100 * np.array([r["train_acc"] for r in rows])

@@ -35,11 +35,11 @@ from helpers.runinfo import emit, public_command, run_info  # noqa: E402
 FP32 = dict(fast_augment=False, amp=None, channels_last=False)
 FAST = dict(fast_augment=True, amp="bf16", channels_last=True)
 CONFIGS = {   # name -> (recipe of helpers.config, RunOptions fields, what it is)
-    "resnet9": ("resnet9", FP32, "seed 001 ResNet-9, albumentations crop-flip-cutout loader with worker processes, fp32"),
-    "resnet9-fast": ("resnet9", FAST, "seed 001 ResNet-9, on-device augmentation (DeviceLoader), bf16, channels_last"),
+    "resnet9": ("resnet9", FP32, "S10 ResNet-9, albumentations crop-flip-cutout loader with worker processes, fp32"),
+    "resnet9-fast": ("resnet9", FAST, "S10 ResNet-9, on-device augmentation (DeviceLoader), bf16, channels_last"),
     "resnet9-tuned": ("resnet9-tuned", FP32, "ResNet-9, SGD Nesterov, weight decay, label smoothing, flip TTA, fp32"),
-    "vgg": ("vgg", FP32, "seed 003 VGG-style CNN, SGD 0.001, 15 epochs, no augmentation, fp32"),
-    "compact": ("compact", FP32, "seed 004 compact CNN, NAdam, flip/shift/rotate, early stopping on a val split, fp32"),
+    "vgg": ("vgg", FP32, "the VGG exercise's VGG-style CNN, SGD 0.001, 15 epochs, no augmentation, fp32"),
+    "compact": ("compact", FP32, "the Keras CNN's compact CNN, NAdam, flip/shift/rotate, early stopping on a val split, fp32"),
     "fast": ("fast", FAST, "the fast net (whitening, SGD Nesterov, label smoothing, flip/shift TTA), bf16, "
                            "channels_last, on-device augmentation"),
 }
@@ -198,21 +198,21 @@ def readme_text(path: Path) -> str:
     table = ["| config | device | seeds | test accuracy % mean ± std (min–max) | wall s per run | train images/s "
              "| peak GPU MiB | epochs | torch | commit | data |", "|" + " --- |" * 11]
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
-             "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: seed 001's overfitting study "
-             "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts at its 93.5 % target, "
-             "and what each showed.", "- `fast_ablation.md`/`.json`: the first fast recipe's ablation (before airbench94's "
+             "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: S10's overfitting study "
+             "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts, at a 93.5 % target "
+             "first and then against airbench94 on the same data (91.0 %), and what each showed.", "- `fast_ablation.md`/`.json`: the first fast recipe's ablation (before airbench94's "
              "ingredients: `config.FIRST_FAST`), one ingredient left out per short run (`python -m helpers.study --study fast`).",
              "- `fast_ingredients.md`/`.json`: airbench94's ingredients on the fast net, each left out in turn, full-length "
              "runs scored on a validation split (`python -m helpers.study --study fast-ingredients`).",
              "- `fast_vs_anchor.md`/`.jsonl`: the fast recipe beside airbench94 (the anchor), seed by seed, in one session "
-             "on one machine (`python results/fast_vs_anchor.py`).", "- `resnet9_notebook04.md`: seed 001's recipe run by notebook 04 at full "
-             "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): seed 004's "
-             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): seed 003's VGG "
+             "on one machine (`python results/fast_vs_anchor.py`).", "- `resnet9_notebook04.md`: S10's recipe run by notebook 04 at full "
+             "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): the Keras CNN's "
+             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): the VGG exercise's "
              "recipe: the first reading (batch 64) and the measured reading (batch 16, 78.88 %, shipped at rank 384), "
              "each run by the command line on a CPU.",
-             "- `vgg_settings_study.md`/`.json`: seed 003's unstated settings (training batch, optimizer, input "
+             "- `vgg_settings_study.md`/`.json`: the VGG exercise's unstated settings (training batch, optimizer, input "
              "scaling) in short runs scored on a validation split (`python -m helpers.study --study vgg`).",
-             "- `lr_study.md`/`.json`: seed 001's LR_MAX against notebook 03's range-test suggestion, short runs "
+             "- `lr_study.md`/`.json`: S10's LR_MAX against the rules of notebook 03's range test, short runs "
              "scored on a validation split (`python -m helpers.study --study lr`).",
              "- `gpu_runs.md`/`.json` "
              "(+ `gpu_run_log.txt`): the recipes and the airbench94 anchor on one H200, with a profile of the train step "
