@@ -84,6 +84,18 @@ def test_training_curves_draw_the_target_with_its_decimals():
         plots.close(fig)
 
 
+def test_compare_runs_draws_one_colour_per_run_in_percent():
+    a = {"train_loss": [1.5, 0.9], "eval_loss": [1.2, 0.8], "eval_acc": [0.55, 0.75]}
+    b = {"train_loss": [1.6, 1.1], "eval_loss": [1.3, 1.0], "eval_acc": [0.50, 0.62]}
+    fig = plots.compare_runs({"LR 2.6e-3": a, "LR 1e-3": b})
+    loss, acc = fig.axes
+    assert [line.get_label() for line in acc.get_lines()] == ["LR 2.6e-3", "LR 1e-3"]
+    assert list(acc.get_lines()[1].get_ydata()) == [50.0, 62.0]                 # accuracy in %
+    assert len(loss.get_lines()) == 4 and acc.get_lines()[0].get_color() == loss.get_lines()[0].get_color()
+    assert "validation" in acc.get_ylabel()
+    plots.close(fig)
+
+
 def test_study_and_grad_cam_figures_draw():
     rows = [{"variant": "a", "train_acc": 0.9, "test_acc": 0.8}, {"variant": "b", "train_acc": 0.7, "test_acc": 0.7}]
     fig = plots.study(rows)
