@@ -3,11 +3,11 @@
 Parts, in order, each written to --out as soon as it ends (a run cut short keeps what it
 finished); a part that would not fit the time budget is recorded as skipped:
   1. the machine: device, versions, a live bf16 matmul rate (the ceiling for the fractions below);
-  2. seed 001's recipe (ResNet-9, 24 epochs), RNG seed 0, with the automatic settings;
+  2. S10's recipe (ResNet-9, 24 epochs), RNG seed 0, with the automatic settings;
   3. the fast recipe, RNG seeds 0, 1, 2;
   4. torch.profiler over 20 steps of each: the top kernels and the fraction of the bf16 peak;
   5. the anchor, airbench94 (PyPI airbench==0.1.8, run as published), RNG seeds 0, 1, 2;
-  6. seed 003's VGG with each --vgg's changes for its 15 epochs, where the budget still allows the whole run.
+  6. the VGG exercise's VGG with each --vgg's changes for its 15 epochs, where the budget still allows the whole run.
 For every run: accuracy without TTA, with flip TTA and with the recipe's own TTA; the whole wall
 time (data load, training with its per-epoch evaluation, final test), img/s and peak memory.
 
@@ -184,16 +184,20 @@ def vgg(data, load_s: float, smoke: bool, changes: dict, left: float) -> dict:
     return {**run_recipe("vgg", data, load_s, smoke, **changes), "step_s": step_s, "estimate_s": estimate}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the JSON record to write")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds after which no part starts")
     p.add_argument("--vgg", nargs="*", default=[], metavar="CHANGES",
-                   help="seed 003's VGG runs for part 6, each as recipe changes, e.g. batch_size=16 or "
+                   help="the VGG exercise's VGG runs for part 6, each as recipe changes, e.g. batch_size=16 or "
                         "batch_size=64,optimizer=adam; each run if it still fits (none: skip)")
     p.add_argument("--only", nargs="*", default=None, metavar="PART",
                    help="run only these parts (resnet9, fast, profile, airbench94, vgg); default: all")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     smoke = config.smoke_mode()
     t0 = time.perf_counter()
     record = {**run_info(hardware.get_device()), "smoke": smoke, "budget_s": args.budget, "parts": {}}

@@ -122,23 +122,28 @@ def main(argv=None) -> int:
             rows.append((name, count_parameters(model), size, pred, float((pred.preds == reference.preds).mean())))
             say(f"{name}: {pred.accuracy:.4f}, {size:,} bytes ({time.time() - start:.0f} s)")
 
-        print(f"\n{len(labels):,} test images ({d.source}){'' if args.limit is None else ', a stratified subset'}; "
-              f"agreement: the share of images where the form predicts what the full fp32 model predicts\n")
-        print("| form | parameters | file bytes | test accuracy | agreement with full fp32 |")
-        print("|---|---:|---:|---:|---:|")
-        for name, params, size, pred, agree in rows:
-            print(f"| {name} | {params:,} | {size:,} | {100 * pred.accuracy:.2f} % | {100 * agree:.2f} % |")
-        # the size is linear in the rank with slope BYTES_PER_RANK (checked here on the measured ranks)
-        offsets = {size - BYTES_PER_RANK * rank for rank, size in sizes.items()}   # equal to 64 bytes
-        if max(offsets) - min(offsets) > 128:
-            say(f"note: the file sizes are not {BYTES_PER_RANK:,} bytes per rank apart: {sizes}")
-        largest = min(4095, (args.budget - max(offsets)) // BYTES_PER_RANK)
-        print(f"\nlargest rank within {args.budget:,} bytes: {largest} "
-              f"({max(offsets) + BYTES_PER_RANK * largest:,} bytes; {BYTES_PER_RANK:,} bytes per unit of rank)")
-
+        largest = report(rows, sizes, args, f"{len(labels):,} test images ({d.source})", say)
         if args.ship is not None:
             ship(args, tmp, rows, svds, reference, ckpt, d, largest, len(labels), slim)
     return 0
+
+
+def report(rows, sizes: dict, args, what: str, say) -> int:
+    """Print the table of forms and the largest rank within args.budget bytes; return that rank."""
+    print(f"\n{what}{'' if args.limit is None else ', a stratified subset'}; "
+          f"agreement: the share of images where the form predicts what the full fp32 model predicts\n")
+    print("| form | parameters | file bytes | test accuracy | agreement with full fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for name, params, size, pred, agree in rows:
+        print(f"| {name} | {params:,} | {size:,} | {100 * pred.accuracy:.2f} % | {100 * agree:.2f} % |")
+    # the size is linear in the rank with slope BYTES_PER_RANK (checked here on the measured ranks)
+    offsets = {size - BYTES_PER_RANK * rank for rank, size in sizes.items()}   # equal to 64 bytes
+    if max(offsets) - min(offsets) > 128:
+        say(f"note: the file sizes are not {BYTES_PER_RANK:,} bytes per rank apart: {sizes}")
+    largest = min(4095, (args.budget - max(offsets)) // BYTES_PER_RANK)
+    print(f"\nlargest rank within {args.budget:,} bytes: {largest} "
+          f"({max(offsets) + BYTES_PER_RANK * largest:,} bytes; {BYTES_PER_RANK:,} bytes per unit of rank)")
+    return largest
 
 
 def ship(args, tmp: Path, rows, svds, reference, ckpt, d, largest, images, slim: dict) -> None:
