@@ -403,15 +403,16 @@ def cutout_geometry(image, crop_yx, hole_yx, *, pad: int, cutout_pad: int, hole:
     return fig
 
 
-def study(rows, title: str = "S10's overfitting study"):
-    """Train and test accuracy (%) of each variant of helpers.study, the gap written above."""
+def study(rows, title: str = "S10's overfitting study", held_out: str = "test"):
+    """Train and held-out accuracy (%) of each variant of helpers.study, the gap written beside;
+    `held_out` names what the rows were scored on (a record's settings["held_out"])."""
     names = [r["variant"] for r in rows]
     train = 100 * np.array([r["train_acc"] for r in rows])
     test = 100 * np.array([r["test_acc"] for r in rows])
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
     ax.barh(y + 0.2, train, 0.4, label="train (clean images, eval mode)")
-    ax.barh(y - 0.2, test, 0.4, label="test")
+    ax.barh(y - 0.2, test, 0.4, label=held_out)
     for i in range(len(rows)):
         ax.text(max(train[i], test[i]) + 0.5, y[i], f"gap {train[i] - test[i]:+.1f}", va="center", fontsize=8)
     ax.set_yticks(y, names), ax.invert_yaxis()

@@ -29,7 +29,7 @@ from .errors import ConfigError, CourseError, DivergenceError
 # Settings: a tenth of the training set for a quarter of the epochs
 # ----------------------------------------------------------------------------------------
 TRAIN_PER_CLASS = 1000        # 10,000 training images
-TEST_PER_CLASS = 200          # 2,000 test images
+TEST_PER_CLASS = 200          # 2,000 held-out images (training images kept out: a validation split)
 EPOCHS = 6                    # OneCycle peaks at the end of epoch 1 (S10: 5 of 24)
 PEAK_EPOCH = 1
 SMOKE_TRAIN_PER_CLASS, SMOKE_TEST_PER_CLASS, SMOKE_EPOCHS = 20, 10, 1
@@ -38,7 +38,7 @@ TRAIN_ACC_PER_CLASS = 1000    # train accuracy is read on at most this many trai
 # name -> (recipe, changes). S10 tried weight decay on top of its dropout.
 VARIANTS = {
     "no regularisation": ("resnet9", {"dropout": 0.0}),
-    "dropout 0.1 (seed 001)": ("resnet9", {}),
+    "dropout 0.1 (S10's)": ("resnet9", {}),
     "dropout + weight decay 1e-3": ("resnet9", {"weight_decay": 1e-3}),
     "dropout + weight decay 1e-2": ("resnet9", {"weight_decay": 1e-2}),
     "resnet9-tuned (Page)": ("resnet9-tuned", {}),
@@ -123,7 +123,7 @@ class Study:
 
 STUDIES = {
     "overfitting": Study("S10's overfitting study", VARIANTS, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS,
-                         PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json", held_out="test"),
+                         PEAK_EPOCH, config.REPO_ROOT / "results" / "overfitting_study.json"),
     # 20,000 images at batch 512 give 39 steps per epoch; the full recipe runs 49 at batch 1024
     "fast": Study("The first fast recipe's ablation", FAST_VARIANTS, 2000, 500, 8, 2,
                   config.REPO_ROOT / "results" / "fast_ablation.json", batch_size=512, held_out="test",

@@ -1,4 +1,4 @@
-"""Seed 001's overfitting study: the variants it compares and a smoke run on real images."""
+"""S10's overfitting study: the variants it compares and a smoke run on real images."""
 import json
 
 import pytest
@@ -12,7 +12,7 @@ def test_variants_change_one_regulariser_at_a_time_from_the_seed_recipe():
     seed = config.recipe("resnet9", smoke=False)
     assert seed.dropout == config.DROPOUT == 0.1
     assert recipes["no regularisation"].dropout == 0 and recipes["no regularisation"].weight_decay == 0
-    assert recipes["dropout 0.1 (seed 001)"].dropout == 0.1
+    assert recipes["dropout 0.1 (S10's)"].dropout == 0.1
     assert [recipes[k].weight_decay for k in ("dropout + weight decay 1e-3", "dropout + weight decay 1e-2")] == [1e-3, 1e-2]
     tuned = recipes["resnet9-tuned (Page)"]
     assert (tuned.optimizer, tuned.label_smoothing, tuned.tta_flip) == ("sgd", 0.2, True)
