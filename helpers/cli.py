@@ -231,8 +231,8 @@ def train_recipe(args):
     given = {field: getattr(args, field) for field in RECIPE_FLAGS if hasattr(args, field)}
     given.update({"epochs": 1} if args.dry_run else {})
     if "peak_epoch" in given and base.schedule != "onecycle":
-        raise ConfigError(f"--peak-epoch shapes the OneCycle schedule, but the {name} recipe keeps a constant "
-                          "LR: drop --peak-epoch")
+        raise ConfigError(f"--peak-epoch shapes the OneCycle schedule, but the {name} recipe's schedule is "
+                          f"{base.schedule}: drop --peak-epoch")
     if "early_stopping_patience" in given:
         given["early_stopping_patience"] = given["early_stopping_patience"] or None    # 0: off
     return name, dataclasses.replace(base, **given).validate()
@@ -253,7 +253,8 @@ def _start(args, name, r, data, info, resumed, last) -> tuple[dict, list[str]]:
            "checkpoint": str(folder / f"{r.model}_last.pt"), "command": ["python", "-m", "helpers", *args.argv],
            "model_file": str(folder / f"{r.model}.pt") if args.serialize else None}
     val = f" / {n_val:,} validation" if n_val else ""
-    sched = f"OneCycle (peak at epoch {r.peak_epoch})" if r.schedule == "onecycle" else "constant LR"
+    sched = {"onecycle": f"OneCycle (peak at epoch {r.peak_epoch})", "linear": "LR falling linearly to 0"}.get(
+        r.schedule, "constant LR")
     extras = "".join(f", {k} {v:g}" for k, v in {"early stopping patience": r.early_stopping_patience, "weight decay":
                      r.weight_decay, "dropout": r.dropout, "label smoothing": r.label_smoothing}.items() if v)
     lines = [f"training {r.model} with the {name} recipe on {rec['device']}"

@@ -33,7 +33,7 @@ from .hardware import FP16_ON_CPU, RunOptions, get_device, seed_everything
 from .loaders import build_loaders, input_stats
 from .loop import DivergenceGuard, evaluate, grad_scaler, train_one_epoch
 from .models import FastNet, dirac_init, get_model, init_whitening, set_batchnorm
-from .optim import Lookahead, one_cycle, optimizer_for
+from .optim import Lookahead, linear_decay, one_cycle, optimizer_for
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,6 +315,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     if recipe.schedule == "onecycle":
         scheduler = one_cycle(optimizer, recipe.lr, recipe.lr_min, epochs=recipe.epochs, lr_start=recipe.lr_start,
                               steps_per_epoch=len(train_loader), peak_epoch=recipe.peak_epoch)
+    elif recipe.schedule == "linear":
+        scheduler = linear_decay(optimizer, recipe.epochs * len(train_loader))
     if recipe.lookahead:                         # wraps the optimizer: after its last step the weights are the average
         optimizer = Lookahead(optimizer, model, total_steps=recipe.epochs * len(train_loader))
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,

@@ -1,9 +1,10 @@
 """Optimizers by name, S10's OneCycle schedule (linear up, linear down, no annihilation),
-and airbench94's Lookahead.
+airbench94's Lookahead, and Muon with airbench94_muon's linear decay.
 
     optimizer = make_optimizer("adam", model.parameters(), lr=2.54e-3)
     scheduler = one_cycle(optimizer, lr_max=2.54e-3, epochs=24, steps_per_epoch=98)   # step it every batch
     optimizer = optimizer_for(recipe, model)        # the recipe's, BatchNorm biases in their own group
+                                                    # (and the conv filters in Muon's, with recipe.muon_lr)
 
 OPTIMIZERS is the one list of names: Recipe.validate and make_optimizer both read it.
 """
@@ -52,17 +53,97 @@ def optimizer_for(recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer a helpers.config.Recipe names for `model`, with its LR, momentum and weight
     decay; with recipe.bn_bias_lr = k != 1 the BatchNorm biases form a second parameter group at
     k x the LR and 1/k x the weight decay, so that their decay per step (LR x weight decay) stays
-    the others' (airbench94: k = 64). Each group's "lr_scale" tells one_cycle its share."""
+    the others' (airbench94: k = 64). With recipe.muon_lr the trained conv filters form a third
+    group that Muon steps at that LR (and the whitening bias joins the biases, as in
+    airbench94_muon); the other groups stay SGD. Each group's "lr_scale" tells one_cycle its share."""
     params = list(model.parameters())
-    if recipe.bn_bias_lr != 1.0:
-        biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  and m.bias is not None}
-        k = recipe.bn_bias_lr
-        params = [{"params": [p for p in params if id(p) not in biases], "lr_scale": 1.0},
-                  {"params": [p for p in params if id(p) in biases], "lr": recipe.lr * k,
-                   "weight_decay": recipe.weight_decay / k, "lr_scale": k}]
-    return make_optimizer(recipe.optimizer, params, recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    if recipe.bn_bias_lr == 1.0 and recipe.muon_lr is None:
+        return make_optimizer(recipe.optimizer, params, recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.bias is not None}
+    filters = set()
+    if recipe.muon_lr is not None:
+        biases |= {id(model.whiten.bias)} if hasattr(model, "whiten") else set()
+        filters = {id(p) for p in params if p.ndim == 4 and p.requires_grad}
+    k = recipe.bn_bias_lr
+    groups = [{"params": [p for p in params if id(p) not in biases | filters], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in biases], "lr": recipe.lr * k,
+               "weight_decay": recipe.weight_decay / k, "lr_scale": k}]
+    if recipe.muon_lr is None:
+        return make_optimizer(recipe.optimizer, groups, recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    groups.append({"params": [p for p in params if id(p) in filters], "lr": recipe.muon_lr, "weight_decay": 0.0,
+                   "momentum": MUON_MOMENTUM, "nesterov": True, "orthogonal": True,
+                   "lr_scale": recipe.muon_lr / recipe.lr})
+    return Muon(groups, recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                nesterov=recipe.nesterov)
+
+
+# ----------------------------------------------------------------------------------------
+# Muon (Keller Jordan, 2024; airbench94_muon): SGD's momentum, but each conv's update replaced by
+# the nearest (semi-)orthogonal matrix, so that every direction of the filter bank moves alike
+# ----------------------------------------------------------------------------------------
+MUON_MOMENTUM = 0.6                        # airbench94_muon's, Nesterov, for the filters
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients: steep at 0, so 3 steps do
+
+
+def orthogonalise(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Roughly U V^T for the SVD g = U S V^T of a 2-D g, by Newton-Schulz steps in bfloat16:
+    x <- a x + (b x x^T + c (x x^T)^2) x moves every singular value of x (scaled to at most 1)
+    toward 1. Three steps leave them between about 0.5 and 1.5, not at 1, which costs nothing
+    in training and much less than an SVD."""
+    a, b, c = NEWTON_SCHULZ
+    x = g.to(torch.bfloat16)
+    x = x / (x.norm() + eps)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T                     # x x^T is the smaller square
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x if wide else x.T).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov SGD for every parameter group, except that in groups with "orthogonal": True
+    (optimizer_for: the conv filters) the step is orthogonalise(update) for each filter bank
+    reshaped to (out channels, in channels x kernel), taken from weights first rescaled to the
+    norm sqrt(out channels): the weights' size stays fixed and only their direction learns, so
+    those groups need no weight decay. The SGD groups step exactly as torch.optim.SGD."""
+
+    def __init__(self, params, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0,
+                 nesterov: bool = True):
+        require_positive("learning rate", lr)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      orthogonal=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            m, orthogonal = group["momentum"], group["orthogonal"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].mul_(m).add_(g)
+                update = g.add(state["momentum_buffer"], alpha=m) if group["nesterov"] else state["momentum_buffer"]
+                if orthogonal:
+                    p.mul_(len(p) ** 0.5 / p.norm())
+                    update = orthogonalise(update.reshape(len(p), -1)).view_as(p)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int):
+    """airbench94_muon's schedule, stepped once per batch: every group's LR falls in a straight
+    line from its own value at step 0 to 0 after the last step (step s of T: lr x (1 - s / T))."""
+    require_whole("total_steps", total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
 
 
 class Lookahead:

@@ -74,6 +74,9 @@ FAST_INGREDIENT_VARIANTS = {
     "- triangle 0.2 -> 1 -> 0.07 (1/50 -> 1 -> 1/50)": ("fast", {"lr_start": None, "lr_min": 1.5 / 50}),
     "- LR 1.5, momentum 0.85, decay 0.0153/11.5 (the first recipe's)": (
         "fast", {"lr": 0.6, "lr_start": 0.12, "lr_min": 0.042, "momentum": 0.9, "weight_decay": 5e-4}),
+    # beyond the anchor: airbench94_muon's training, in its own 8 epochs and in the recipe's 10
+    "airbench94_muon's training (Muon on the filters, 8 epochs)": ("fast", config.AIRBENCH94_MUON),
+    "airbench94_muon's training, 10 epochs": ("fast", {**config.AIRBENCH94_MUON, "epochs": 10}),
 }
 
 # The VGG exercise's unstated settings, found by measurement. The exercise states 15 epochs, SGD's
@@ -142,16 +145,16 @@ STUDIES = {
 
 
 # the recipe settings each row records
-ROW_SETTINGS = ("seed", "optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift",
+ROW_SETTINGS = ("seed", "epochs", "optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift",
                 "tta_centre", "augment", "batch_size", "normalize")
 
 
 def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
     """The recipes the study compares, shortened (and shrunk further in smoke mode)."""
     s = STUDIES[study]
-    epochs = SMOKE_EPOCHS if smoke else s.epochs
     recipes = {}
     for name, (base, changes) in s.variants.items():
+        epochs = SMOKE_EPOCHS if smoke else changes.get("epochs", s.epochs)     # a row may set its own length
         batch = changes.get("batch_size", s.batch_size) or config.RECIPES[base].batch_size
         if smoke:
             batch = min(batch, config.SMOKE_BATCH_SIZE)
@@ -302,6 +305,7 @@ def markdown(result: dict) -> str:
     s, git = result["settings"], result["git"]
     held = "validation" if s.get("held_out") == "validation" else "test"
     settings = {"seed": lambda r: r.get("seed", 0), "optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
+                "epochs": lambda r: r.get("epochs", s["epochs"]),
                 "batch": lambda r: r.get("batch_size", s.get("batch_size")) or "-",
                 "input": lambda r: "normalised" if r.get("normalize", True) else "[0, 1]",
                 "augmentation": lambda r: config.current_augment(r.get("augment", "crop-flip-cutout")),

@@ -1,8 +1,8 @@
 """airbench94's training ingredients, each an option of the fast recipe (issue 24): BatchNorm
 settings and frozen scales, dirac initialisation, a higher LR for BatchNorm biases, the
 triangular cycle, Lookahead, alternating flips and the whitening bias frozen after some
-epochs. Each is checked against its definition; a smoke run with all of them trains, reloads
-to the same answers and resumes exactly."""
+epochs; and airbench94_muon's Muon with its linear decay. Each is checked against its
+definition; a smoke run with all of them trains, reloads to the same answers and resumes exactly."""
 import copy
 
 import numpy as np
@@ -182,4 +182,104 @@ def test_all_ingredients_train_reload_and_resume_exactly(small_data, tmp_path):
     resumed = engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
                            log=lambda line: None)
     assert resumed["history"]["eval_acc"] == run["history"]["eval_acc"]
+    assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())
+
+
+def _matrix(rows, cols, spread=10.0, seed=0):
+    """A rows x cols matrix with known singular vectors and singular values from 1 down to 1/spread."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    u, v = torch.linalg.qr(torch.randn(rows, k, generator=g))[0], torch.linalg.qr(torch.randn(cols, k, generator=g))[0]
+    return u @ torch.diag(torch.logspace(0, -np.log10(spread), k)) @ v.T, u @ v.T
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (576, 64), (256, 2304)])
+def test_orthogonalise_pulls_every_singular_value_toward_one(shape):
+    g, polar = _matrix(*shape)
+    o = optim.orthogonalise(g * 1e-3)                     # the scale of the update does not matter
+    s = torch.linalg.svdvals(o)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    assert 0.5 < s.min() and s.max() < 1.25                # from 1e-3 .. 1e-4: three steps, not exactly 1
+    assert (o - polar).norm() < 0.25 * polar.norm()        # and the directions are g's: U V^T
+
+
+def test_muon_steps_sgd_groups_as_torch_and_filters_by_its_definition():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+
+    x, y = torch.randn(16, 3, 6, 6), torch.arange(16) % 3
+    reference, model = make(), make()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
+    muon = optim.Muon(model.parameters(), 0.1, momentum=0.85, weight_decay=1e-2, nesterov=True)
+    for _ in range(4):                                    # no orthogonal group: exactly torch's SGD
+        for net, opt in ((reference, sgd), (model, muon)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b)
+
+    model = make()
+    conv = model[0].weight
+    muon = optim.Muon([{"params": [conv], "orthogonal": True, "momentum": 0.6, "lr": 0.24},
+                       {"params": list(model[2].parameters())}], 0.5, momentum=0.85)
+    buffer = torch.zeros_like(conv)
+    for _ in range(3):                                    # by hand: momentum, rescale, orthogonal step
+        muon.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grad, before = conv.grad.clone(), conv.detach().clone()
+        muon.step()
+        buffer = 0.6 * buffer + grad
+        update = grad + 0.6 * buffer
+        expected = before * 8 ** 0.5 / before.norm() - 0.24 * optim.orthogonalise(update.reshape(8, -1)).view_as(conv)
+        torch.testing.assert_close(conv.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert conv.norm().item() == pytest.approx(8 ** 0.5, rel=0.35)   # kept near its fixed size, no weight decay needed
+
+
+def test_airbench94_muons_groups_and_linear_decay():
+    r = config.recipe("fast", **config.AIRBENCH94_MUON)
+    assert (r.muon_lr, r.lr * 64, r.lr * r.weight_decay) == (0.24, pytest.approx(0.053 * 2000, rel=1e-3),
+                                                             pytest.approx(2e-6 * 2000))
+    model = set_batchnorm(get_model("fast"), momentum=r.bn_momentum, eps=r.bn_eps, frozen_scales=True)
+    optimizer = optim.optimizer_for(r, model)
+    head, biases, filters = optimizer.param_groups
+    assert {id(p) for p in filters["params"]} == {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)
+                                                  and m is not model.whiten}          # the 6 trained convs
+    assert {id(p) for p in biases["params"]} == {id(bn.bias) for bn in batchnorms(model)} | {id(model.whiten.bias)}
+    assert [id(p) for p in head["params"] if p.requires_grad] == [id(model.fc.weight)]
+    assert filters["orthogonal"] and not head["orthogonal"] and filters["momentum"] == 0.6
+    assert (filters["lr"], biases["lr"], head["lr"]) == (0.24, pytest.approx(64 * r.lr), r.lr)
+    scheduler = optim.linear_decay(optimizer, total_steps=200)
+    lrs = []
+    for _ in range(200):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    lrs = np.array(lrs)
+    np.testing.assert_allclose(lrs[:, 2], 0.24 * (1 - np.arange(200) / 200), rtol=1e-9)
+    np.testing.assert_allclose(lrs / lrs[0], np.repeat((lrs[:, 2] / 0.24)[:, None], 3, 1), rtol=1e-9)
+    for bad, message in (({"optimizer": "adam"}, "set optimizer to sgd"), ({"muon_lr": -1.0}, "muon_lr")):
+        with pytest.raises(ConfigError, match=message):
+            config.recipe("fast", **{**config.AIRBENCH94_MUON, **bad})
+    with pytest.raises(ConfigError, match="muon_lr: options of the fast net only"):
+        config.recipe("resnet9", muon_lr=0.24)
+
+
+def test_muon_recipe_trains_and_resumes_exactly(small_data, tmp_path):
+    r = config.recipe("fast", smoke=True, **{**config.AIRBENCH94_MUON, "epochs": 2, "batch_size": 128}, **AIRBENCH)
+    options = hardware.RunOptions("cpu", fast_augment=True)
+    run = engine.train(r, small_data, options, log=lambda line: None)
+    assert run["test"]["acc"] > 0.2 and run["history"]["lr"][-1] == pytest.approx(r.lr / len(run["history"]["lr"]))
+    calls = []
+
+    def stop_in_second_epoch(line):
+        calls.append(line)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", log=stop_in_second_epoch)
+    resumed = engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
+                           log=lambda line: None)
     assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())

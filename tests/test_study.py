@@ -126,6 +126,9 @@ def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_ro
     assert changed["- whitening bias frozen after 3 epochs (always trained)"] == {"whiten_bias_epochs"}
     assert all(1 <= len(diff) <= 5 for diff in changed.values()), changed
     assert len({frozenset(d) for d in changed.values()}) == len(changed) == 9     # no two rows alike
+    muon = [r for name, r in recipes.items() if name.startswith("airbench94_muon")]
+    assert [(r.epochs, r.batch_size, r.schedule, r.muon_lr, r.lookahead) for r in muon] == [
+        (8, 2000, "linear", 0.24, False), (10, 2000, "linear", 0.24, False)]      # rows keep their own length
     sub = study.study_data(_FakeData(), study="fast-ingredients")
     assert sub == ("validation", 4500, 500)
 
