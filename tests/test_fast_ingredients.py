@@ -170,19 +170,7 @@ def test_all_ingredients_train_reload_and_resume_exactly(small_data, tmp_path):
     x = normalize_batch(x, small_data.mean, small_data.std)
     assert torch.equal(loaded(x), run["model"].eval()(x))
 
-    calls = []
-
-    def stop_in_second_epoch(line):             # raised before epoch 2's checkpoint: the file holds epoch 1
-        calls.append(line)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", log=stop_in_second_epoch)
-    resumed = engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
-                           log=lambda line: None)
-    assert resumed["history"]["eval_acc"] == run["history"]["eval_acc"]
-    assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())
+    _check_resumes_exactly(r, small_data, options, run, tmp_path)
 
 
 def _matrix(rows, cols, spread=10.0, seed=0):
@@ -271,15 +259,22 @@ def test_muon_recipe_trains_and_resumes_exactly(small_data, tmp_path):
     options = hardware.RunOptions("cpu", fast_augment=True)
     run = engine.train(r, small_data, options, log=lambda line: None)
     assert run["test"]["acc"] > 0.2 and run["history"]["lr"][-1] == pytest.approx(r.lr / len(run["history"]["lr"]))
+    _check_resumes_exactly(r, small_data, options, run, tmp_path)
+
+
+def _check_resumes_exactly(r, data, options, run, tmp_path):
+    """Interrupt the recipe's training in its second epoch, resume it from the first epoch's
+    checkpoint, and compare with the uninterrupted `run`: the same history and weights."""
     calls = []
 
-    def stop_in_second_epoch(line):
+    def stop_in_second_epoch(line):             # raised before epoch 2's checkpoint: the file holds epoch 1
         calls.append(line)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", log=stop_in_second_epoch)
-    resumed = engine.train(r, small_data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
+        engine.train(r, data, options, checkpoint_path=tmp_path / "cut.pt", log=stop_in_second_epoch)
+    resumed = engine.train(r, data, options, checkpoint_path=tmp_path / "cut.pt", resume=tmp_path / "cut.pt",
                            log=lambda line: None)
+    assert resumed["history"]["eval_acc"] == run["history"]["eval_acc"]
     assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())
