@@ -253,8 +253,7 @@ def _start(args, name, r, data, info, resumed, last) -> tuple[dict, list[str]]:
            "checkpoint": str(folder / f"{r.model}_last.pt"), "command": ["python", "-m", "helpers", *args.argv],
            "model_file": str(folder / f"{r.model}.pt") if args.serialize else None}
     val = f" / {n_val:,} validation" if n_val else ""
-    sched = {"onecycle": f"OneCycle (peak at epoch {r.peak_epoch})", "linear": "LR falling linearly to 0"}.get(
-        r.schedule, "constant LR")
+    sched = config.SCHEDULES[r.schedule] + (f" (peak at epoch {r.peak_epoch})" if r.schedule == "onecycle" else "")
     extras = "".join(f", {k} {v:g}" for k, v in {"early stopping patience": r.early_stopping_patience, "weight decay":
                      r.weight_decay, "dropout": r.dropout, "label smoothing": r.label_smoothing}.items() if v)
     lines = [f"training {r.model} with the {name} recipe on {rec['device']}"

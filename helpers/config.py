@@ -53,6 +53,10 @@ def smoke_mode() -> bool:
                       "mode: a small subset, few epochs) or 0 (full settings), or unset it")
 
 
+# The LR schedules a recipe can name, and how a run's log describes them (helpers.optim builds them)
+SCHEDULES = {"onecycle": "OneCycle", "constant": "constant LR", "linear": "LR falling linearly to 0"}
+
+
 # The TTA's weighting with shifted copies (helpers.loop.tta_weights): the unshifted views' (the
 # image and its mirror) share of the vote. 1/3 weighs all six views alike; airbench94 gives them
 # 1/2 and each shifted pair 1/4 (a shifted copy loses a row and a column to reflection).
@@ -125,8 +129,8 @@ class Recipe:
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         check_optimizer(self.optimizer, self.lr, self.weight_decay)
-        if self.schedule not in {"onecycle", "constant", "linear"}:
-            raise ConfigError(f"unknown schedule {self.schedule!r}: choose onecycle, constant or linear")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augment!r}: choose {', '.join(AUGMENTATIONS)}")
         for name in ("epochs", "batch_size", "test_batch_size"):
