@@ -60,6 +60,7 @@ class FitOptions:
     config: dict | None = None       # the recipe, saved in every checkpoint
     eval_name: str = "test"          # what eval_loader holds, for the log ("val": a validation split)
     loss_fn: nn.Module | None = None     # the training and evaluation loss (None: cross-entropy)
+    micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
     log: Callable[[str], object] = print  # where the per-epoch lines go
 
 
@@ -90,7 +91,7 @@ def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, 
             if hasattr(part, "set_epoch"):             # the fast net's whitening bias: trained or frozen
                 part.set_epoch(epoch)
         tr = train_one_epoch(train_net, train_loader, optimizer, scheduler=scheduler, loss_fn=loss_fn, options=options,
-                             scaler=state.scaler, guard=guard)
+                             scaler=state.scaler, guard=guard, micro_batch=extras.micro_batch)
         # under DDP rank 0 alone evaluates, logs and saves; every rank then acts on its verdict
         verdict = from_rank0(_end_of_epoch(state, net, eval_loader, tr, epoch, epochs, t0=t0, loss_fn=loss_fn,
                                            options=options, extras=extras) if is_main() else None)
@@ -322,7 +323,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
                         eval_name="val" if recipe.val_split > 0 else "test",
-                        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), log=log)
+                        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+                        micro_batch=recipe.micro_batch, log=log)
     # each epoch's evaluation is a progress signal, without test-time augmentation; the final
     # test below applies the recipe's
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,

@@ -106,6 +106,28 @@ def test_a_small_model_overfits_256_images(small_data):
     assert history["train_loss"][-1] < history["train_loss"][0] / 3
 
 
+def test_micro_batches_add_up_to_the_whole_batchs_step(small_data):
+    """Gradient accumulation: slices of 4, 4 and 2 images give the step of the batch of 10, and the
+    same loss and accuracy (no BatchNorm here, whose statistics would be per slice)."""
+    images = torch.as_tensor(small_data.train_images[:30]).permute(0, 3, 1, 2).float() / 255
+    labels = torch.as_tensor(small_data.train_labels[:30])
+    batches = list(zip(images.split(10), labels.split(10)))
+    runs = []
+    for micro_batch in (None, 4):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        start = model[0].weight.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        stats = loop.train_one_epoch(model, batches, opt, options=QUIET, micro_batch=micro_batch)
+        runs.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (whole, w1), (sliced, w2) = runs
+    assert not torch.equal(w1[0], start)                                                 # it did train
+    for a, b in zip(w1, w2):                                   # float sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sliced["loss"] == pytest.approx(whole["loss"], rel=1e-5) and sliced["acc"] == whole["acc"]
+    assert sliced["lr"] == whole["lr"] == [0.5] * 3                                      # one step per batch
+
+
 def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):
     torch.manual_seed(0)
     model = get_model("resnet9")

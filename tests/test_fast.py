@@ -256,9 +256,10 @@ def test_a_checkpoint_tests_with_its_recipes_tta_weights():
 
 def test_fast_recipe_settings_and_checks():
     r = config.recipe("fast", smoke=False)
-    assert (r.model, r.optimizer, r.nesterov, r.batch_size, r.label_smoothing) == ("fast", "sgd", True, 1024, 0.2)
+    assert (r.model, r.optimizer, r.nesterov, r.batch_size, r.label_smoothing) == ("fast", "sgd", True, 2000, 0.2)
     assert (r.augment, r.tta_flip, r.tta_shift) == ("altflip-translate", True, 1)
-    assert (r.lr, r.lr_start, r.momentum, r.bn_bias_lr, r.lookahead) == (1.5, pytest.approx(0.3), 0.85, 64.0, True)
+    assert (r.muon_lr, r.schedule, r.epochs, r.micro_batch, r.lookahead) == (0.24, "linear", 10, 500, False)
+    assert (r.momentum, r.bn_bias_lr, r.frozen_bn_scales, r.dirac_init) == (0.85, 64.0, True, True)
     with pytest.raises(Exception, match="tta_shift must be a whole number of pixels in 0..4"):
         config.recipe("fast", smoke=False, tta_shift=7)
     with pytest.raises(Exception, match="tta_centre must be in"):

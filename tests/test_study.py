@@ -113,9 +113,11 @@ def test_the_vgg_study_scores_on_held_out_training_images(real_data):
 
 def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_row():
     recipes = study.study_recipes(smoke=False, study="fast-ingredients")
-    full, first = recipes["fast recipe"], recipes["the first fast recipe (before airbench94's ingredients)"]
-    assert (full.epochs, full.peak_epoch, full.batch_size) == (10, 2, 1024)
-    assert {k for k, v in first.to_dict().items() if v != full.to_dict()[k]} == set(config.FIRST_FAST)
+    full, first = recipes[study.AIRBENCH94_ROW], recipes["the first fast recipe (before airbench94's ingredients)"]
+    assert (full.epochs, full.peak_epoch, full.batch_size, full.lookahead, full.muon_lr) == (10, 2, 1024, True, None)
+    assert study.STUDIES["fast-ingredients"].baseline == study.AIRBENCH94_ROW
+    changes = {k for k, v in config.FIRST_FAST.items() if v != getattr(full, k)}     # the first recipe's own
+    assert {k for k, v in first.to_dict().items() if v != full.to_dict()[k]} == changes and len(changes) == 13
     assert (first.lr, first.momentum, first.augment, first.lookahead) == (0.6, 0.9, "flip-translate", False)
     assert (first.lr_start, first.whiten_bias_epochs) == (None, None)       # a variant's None is kept, not ignored
     changed = {name: {k for k, v in r.to_dict().items() if v != full.to_dict()[k]} for name, r in recipes.items()
@@ -126,9 +128,11 @@ def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_ro
     assert changed["- whitening bias frozen after 3 epochs (always trained)"] == {"whiten_bias_epochs"}
     assert all(1 <= len(diff) <= 5 for diff in changed.values()), changed
     assert len({frozenset(d) for d in changed.values()}) == len(changed) == 9     # no two rows alike
-    muon = [r for name, r in recipes.items() if name.startswith("airbench94_muon")]
-    assert [(r.epochs, r.batch_size, r.schedule, r.muon_lr, r.lookahead) for r in muon] == [
-        (8, 2000, "linear", 0.24, False), (10, 2000, "linear", 0.24, False)]      # rows keep their own length
+    muon = [r for name, r in recipes.items() if name.startswith("airbench94_muon") or name == "fast recipe"]
+    assert [(r.epochs, r.batch_size, r.micro_batch, r.schedule, r.muon_lr, r.lookahead) for r in muon] == [
+        (8, 2000, None, "linear", 0.24, False), (10, 2000, None, "linear", 0.24, False),   # rows keep their own length
+        (10, 2000, 500, "linear", 0.24, False)]
+    assert recipes["fast recipe"] == config.recipe("fast").replace(test_batch_size=256, peak_epoch=2)   # unused: linear
     sub = study.study_data(_FakeData(), study="fast-ingredients")
     assert sub == ("validation", 4500, 500)
 
