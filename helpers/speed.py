@@ -80,8 +80,8 @@ def matmul_rate(n: int = 2048, dtype=torch.bfloat16, device="cpu", min_run_time:
 def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.Tensor, labels: torch.Tensor,
                min_run_time: float = 5.0) -> float:
     """Training images per second: one real train step (forward, loss, backward, optimizer)
-    on the given normalised batch, with the recipe's optimizer and the options' precision and
-    layout, timed by torch.utils.benchmark. The model's weights change: pass a throwaway copy."""
+    on the given normalised batch, with the recipe's optimizer and micro-batches and the options'
+    precision and layout, timed by torch.utils.benchmark. The model's weights change: pass a throwaway copy."""
     benchmark = _benchmark()
     device = torch.device(options.device or "cpu")
     model.to(device)
@@ -94,7 +94,8 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.T
     scaler = grad_scaler(device, options.amp)       # one for every step, as in training (fp16 only)
 
     def step():
-        train_one_epoch(model, [(x, y)], optimizer, loss_fn=loss_fn, options=quiet, scaler=scaler)
+        train_one_epoch(model, [(x, y)], optimizer, loss_fn=loss_fn, options=quiet, scaler=scaler,
+                        micro_batch=recipe.micro_batch)
 
     step()                                                                 # warm up (oneDNN picks kernels)
     timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())

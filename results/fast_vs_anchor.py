@@ -75,6 +75,7 @@ def run_fast(args, seed: int) -> dict:
             "command_seconds": wall, "train_test_seconds": record["wall_seconds"], "epochs": len(h["eval_acc"]),
             "images_per_second": len(h["eval_acc"]) * record["data"]["train_images"] / record["wall_seconds"],
             "options": {k: record[k] for k in ("amp", "channels_last", "fast_augment", "workers")},
+            "training": "airbench94_muon's" if record["config"].get("muon_lr") else "airbench94's",
             "command": "python -m helpers train --arch fast --serialize --seed " + str(seed)}
 
 
@@ -90,7 +91,7 @@ def markdown(rows: list[dict]) -> str:
              "| seed | who | TTA | no TTA | command | train + test | images/s | commit | date | device | torch |",
              "|---:|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['who']} | {r['tta_acc']:.2%} | {r['plain_acc']:.2%} | {r['command_seconds']:.0f} s "
+        lines.append(f"| {r['seed']} | {who(r)} | {r['tta_acc']:.2%} | {r['plain_acc']:.2%} | {r['command_seconds']:.0f} s "
                      f"| {r['train_test_seconds']:.0f} s | {r['images_per_second']:.0f} | {r['git']['commit'][:8]}{'+' * bool(r['git']['dirty'])} "
                      f"| {r['date'][:16]} | {r['device']} | {r['versions']['torch']} |")
     pairs = {}
@@ -99,14 +100,21 @@ def markdown(rows: list[dict]) -> str:
     ratios = [(k, p["fast"]["command_seconds"] / p["anchor"]["command_seconds"], p) for k, p in pairs.items()
               if {"fast", "anchor"} <= set(p)]
     if ratios:
-        lines += ["", "| date | seed | fast / anchor, whole command | TTA accuracy, fast - anchor |", "|---|---:|---:|---:|"]
-        lines += [f"| {d} | {s} | {q:.2f} | {p['fast']['tta_acc'] - p['anchor']['tta_acc']:+.2%} |" for (d, s), q, p in ratios]
-    for who in ("fast", "anchor"):
-        accs = {r["seed"]: r["tta_acc"] for r in rows if r["who"] == who}           # the latest row of each seed
-        if accs:
-            lines.append(f"\n{who}: mean TTA accuracy over seeds {', '.join(map(str, sorted(accs)))}: "
-                         f"{sum(accs.values()) / len(accs):.2%}")
+        lines += ["", "| date | seed | fast recipe | fast / anchor, whole command | TTA accuracy, fast - anchor |",
+                  "|---|---:|---|---:|---:|"]
+        lines += [f"| {d} | {s} | {who(p['fast'])} | {q:.2f} | {p['fast']['tta_acc'] - p['anchor']['tta_acc']:+.2%} |"
+                  for (d, s), q, p in ratios]
+    for name in dict.fromkeys(map(who, rows)):
+        accs = {r["seed"]: r["tta_acc"] for r in rows if who(r) == name}            # the latest row of each seed
+        lines.append(f"\n{name}: mean TTA accuracy over seeds {', '.join(map(str, sorted(accs)))}: "
+                     f"{sum(accs.values()) / len(accs):.2%}")
     return "\n".join(lines) + "\n"
+
+
+def who(row: dict) -> str:
+    """'anchor', or the fast recipe with its training (rows before Muon: airbench94's)."""
+    training = row.get("training", "airbench94's")
+    return row["who"] if row["who"] == "anchor" else f"fast ({training} training)"
 
 
 def main(argv=None) -> int:

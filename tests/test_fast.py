@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
 from helpers import analysis, augment as aug, config, engine, hardware, loop, speed
 from helpers.checkpoint import inference_settings, load_model, save_checkpoint
 from helpers.models import FastNet, count_parameters, get_model, init_whitening
@@ -289,3 +290,26 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
                             stats=(small_data.mean, small_data.std), tta=inference_settings(ckpt)[0])
     assert abs(pred.accuracy - run["test"]["acc"]) < 1e-6               # the same 500 answers
 
+
+
+def test_fast_vs_anchor_pairs_each_seed_by_date_and_names_the_training():
+    """results/fast_vs_anchor.py's page: a time ratio per seed and session day, the fast recipe named
+    by its training (rows from before Muon carry none: airbench94's), a mean per recipe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fast_vs_anchor", REPO / "results" / "fast_vs_anchor.py")
+    page_of = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page_of)
+
+    def row(who, date, seconds, acc, **extra):
+        return {"who": who, "seed": 0, "tta_acc": acc, "plain_acc": acc - 0.01, "command_seconds": seconds,
+                "train_test_seconds": seconds - 5, "images_per_second": 400.0, "git": {"commit": "a" * 40, "dirty": False},
+                "date": date + "T10:00:00", "device": "a CPU", "versions": {"torch": "2"}, **extra}
+
+    page = page_of.markdown([row("anchor", "2026-12-06", 1000, 0.9077), row("fast", "2026-12-06", 950, 0.9076),
+                             row("anchor", "2026-12-07", 1200, 0.9070),
+                             row("fast", "2026-12-07", 1080, 0.9120, training="airbench94_muon's")])
+    assert "| 2026-12-06 | 0 | fast (airbench94's training) | 0.95 | -0.01% |" in page
+    assert "| 2026-12-07 | 0 | fast (airbench94_muon's training) | 0.90 | +0.50% |" in page
+    assert "fast (airbench94_muon's training): mean TTA accuracy over seeds 0: 91.20%" in page
+    assert "anchor: mean TTA accuracy over seeds 0: 90.70%" in page                  # the latest run of the seed
