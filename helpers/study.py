@@ -151,7 +151,7 @@ STUDIES = {
 
 # the recipe settings each row records
 ROW_SETTINGS = ("seed", "epochs", "optimizer", "lr", "dropout", "weight_decay", "label_smoothing", "tta_flip", "tta_shift",
-                "tta_centre", "augment", "batch_size", "normalize")
+                "tta_centre", "augment", "batch_size", "micro_batch", "normalize")
 
 
 def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, Recipe]:
@@ -312,6 +312,7 @@ def markdown(result: dict) -> str:
     settings = {"seed": lambda r: r.get("seed", 0), "optimizer": lambda r: r["optimizer"], "LR_MAX": lambda r: f"{r['lr']:.3g}" if "lr" in r else "-",
                 "epochs": lambda r: r.get("epochs", s["epochs"]),
                 "batch": lambda r: r.get("batch_size", s.get("batch_size")) or "-",
+                "micro-batch": lambda r: r.get("micro_batch") or "-",
                 "input": lambda r: "normalised" if r.get("normalize", True) else "[0, 1]",
                 "augmentation": lambda r: config.current_augment(r.get("augment", "crop-flip-cutout")),
                 "dropout": lambda r: f"{r['dropout']:g}",
