@@ -371,7 +371,7 @@ def test_histories_saved_before_the_eval_keys_load_with_them():
 
 SHIPPED = {   # file -> (architecture, size limit in MB, least accuracy on the stratified 1,000 test images)
     "resnet9_cifar10.pt": ("resnet9", 14, 0.88),     # seed 001's recipe, notebook 04's full run
-    "fast_cifar10.pt": ("fast", 5, 0.88),            # the fast recipe (airbench94's training), seed 0
+    "fast_cifar10.pt": ("fast", 5, 0.88),            # the fast recipe (Muon, 10 epochs), seed 0: 91.16 %
     "compact_cifar10.pt": ("compact", 3, 0.84),      # seed 004's recipe, its CLI run
     "vgg_cifar10.pt": ("vgg", 15, 0.74),             # seed 003's recipe (batch 16), rank-384 fp16 export
 }
