@@ -146,8 +146,10 @@ def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
     assert m, out
     acc, n_correct = float(m.group(1)), int(m.group(2))
     assert acc == pytest.approx(n_correct / 500, abs=5e-5)
-    # the same 500 smoke test images with the checkpoint's mean/std: what training reported
-    assert abs(acc - trained.acc) <= 1 / 500 + 1e-4
+    # the same 500 smoke test images with the checkpoint's mean/std: what training reported, up to
+    # a few near ties of a 2-epoch model, which the fp16 copy and another evaluation batch can flip
+    # (the Muon recipe's smoke run: 2 of 500); a wrong mean/std or TTA moves it by far more
+    assert abs(acc - trained.acc) <= 3 / 500 + 1e-4
     # and with the test-time augmentation its recipe tests with (the fast recipe: 6 views)
     tta = ", TTA: flip + 1 px shifts" if trained.model == "fast" else ""
     assert re.search(rf"^model: .*\({trained.model}, {trained.model} recipe\) on cpu{re.escape(tta)};", out, re.M), out
