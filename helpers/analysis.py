@@ -130,8 +130,9 @@ def format_table(rows, headers) -> str:
 def history_table(history: dict) -> str:
     """One line per epoch of a training history: losses, accuracies, the epoch's last LR."""
     steps = len(history["lr"]) // max(len(history["train_loss"]), 1)
+    read = lambda v, f: "-" if v is None else format(v, f)          # None: that epoch was not evaluated
     rows = [(f"{e + 1}/{len(history['train_loss'])}", f"{history['train_loss'][e]:.4f}",
-             f"{history['train_acc'][e]:.2%}", f"{history['eval_loss'][e]:.4f}", f"{history['eval_acc'][e]:.2%}",
+             f"{history['train_acc'][e]:.2%}", read(history["eval_loss"][e], ".4f"), read(history["eval_acc"][e], ".2%"),
              f"{history['lr'][(e + 1) * steps - 1]:.2e}") for e in range(len(history["train_loss"]))]
     name = history.get("eval_set", "test")
     return format_table(rows, ("epoch", "train loss", "train acc", f"{name} loss", f"{name} acc", "last LR"))

@@ -219,7 +219,7 @@ def export_fp16(path, out, *, rank: int | None = None, svds: dict | None = None,
 
 
 # Recipe fields that may differ between a run and its resumption (they do not change training).
-RESUME_FREE = {"test_batch_size", "notes"}
+RESUME_FREE = {"test_batch_size", "eval_every", "notes"}
 
 
 def setting_changes(saved: dict, now: dict, ignore=()) -> list[str]:

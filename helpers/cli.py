@@ -94,6 +94,7 @@ RECIPE_FLAGS = {
     "dropout": (("--dropout",), finite_float, "resnet9 only: dropout after every Conv-BN-ReLU, in [0, 1)"),
     "logit_scale": (("--logit-scale",), positive_float, "resnet9 only: multiply the logits (Page: 0.125)"),
     "early_stopping_patience": (("--patience",), non_negative_int, "early stopping patience in epochs; 0: off"),
+    "eval_every": (("--eval-every",), non_negative_int, "read the eval set every N epochs and the last; 0: the last only"),
     "seed": (("--seed",), int, "seed of the weights, shuffling and augmentation"),
 }
 TRAIN_DOC = """Train a model on CIFAR-10 with its reference recipe (helpers.config.RECIPES); each recipe flag overrides one
@@ -315,8 +316,7 @@ def _finish(args, r, rec, result, classes, device) -> None:
 
     folder, history, test, d = Path(args.checkpoints).expanduser(), result["history"], result["test"], rec["data"]
     _say(f"test accuracy: {test['acc']:.4f} (loss {test['loss']:.4f}) on {d['test_images']:,} images"
-         + _tta_text(r.tta()).replace(", TTA:", " with TTA:", 1)
-         + f"; {rec['wall_seconds']:.1f} s")
+         + _tta_text(r.tta()).replace(", TTA:", " with TTA:", 1) + f"; {rec['wall_seconds']:.1f} s")
     if args.serialize:
         checkpoint.save_checkpoint(rec["model_file"], result["model"], r.model, config=rec["config"],
                                    recipe=rec["recipe"], history=history, mean=d["mean"], std=d["std"],

@@ -44,8 +44,8 @@ HISTORY_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "secon
 
 def new_history() -> dict:
     """Per-epoch loss and accuracy on the training batches and on eval_loader (the test set or a
-    validation split: train() records which as "eval_set"), the LR at every step, and the
-    seconds per epoch (the only entry that differs between identical runs)."""
+    validation split: train() records which as "eval_set"; None for an epoch not evaluated), the
+    LR at every step, and the seconds per epoch (the only entry that differs between identical runs)."""
     return {k: [] for k in HISTORY_KEYS}
 
 
@@ -61,6 +61,7 @@ class FitOptions:
     eval_name: str = "test"          # what eval_loader holds, for the log ("val": a validation split)
     loss_fn: nn.Module | None = None     # the training and evaluation loss (None: cross-entropy)
     micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
+    eval_every: int = 1              # read eval_loader after every this-many epochs and the last (0: the last only)
     log: Callable[[str], object] = print  # where the per-epoch lines go
 
 
@@ -73,6 +74,8 @@ def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, 
     NaN or infinite loss raises DivergenceError and leaves the last checkpoint as it was."""
     require_whole("epochs", epochs)
     options, extras = options or RunOptions(), extras or FitOptions()
+    if extras.early_stopping and extras.eval_every != 1:
+        raise ConfigError(f"early stopping reads the eval set after every epoch: eval_every must be 1, not {extras.eval_every}")
     device = get_device(options.device)
     if options.amp == "fp16" and device.type == "cpu":              # the command line refuses it outright
         warnings.warn(FP16_ON_CPU, stacklevel=2)
@@ -108,20 +111,24 @@ def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, 
 
 def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, epochs: int, *, t0: float,
                   loss_fn, options: RunOptions, extras: FitOptions) -> str | None:
-    """fit's hook after each epoch (rank 0 only): evaluate, record, log and save. Returns "stop"
-    when early stopping says so, a message when the weights broke (then nothing is saved), else None."""
-    te = evaluate(net, eval_loader, loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last,
-                  progress=options.progress)
+    """fit's hook after each epoch (rank 0 only): evaluate (on the epochs extras.eval_every names),
+    record, log and save. Returns "stop" when early stopping says so, a message when the weights
+    broke (then nothing is saved), else None."""
+    te = None                                    # an epoch not read: None in the history's eval entries
+    if epoch + 1 == epochs or (extras.eval_every and (epoch + 1) % extras.eval_every == 0):
+        te = evaluate(net, eval_loader, loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last,
+                      progress=options.progress)
+        if not math.isfinite(te["loss"]):
+            return (f"the {extras.eval_name} loss is {te['loss']} after epoch {epoch + 1}: the weights diverged "
+                    f"in its last steps (LR {tr['lr'][-1]:.3g}); try a lower LR")
     if next(net.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
-    if not math.isfinite(te["loss"]):
-        return (f"the {extras.eval_name} loss is {te['loss']} after epoch {epoch + 1}: the weights diverged "
-                f"in its last steps (LR {tr['lr'][-1]:.3g}); try a lower LR")
     state.record(tr, te, time.perf_counter() - t0)
     stop = state.stopper is not None and state.stopper.step(te["acc"], state.model, epoch)
     if options.progress:
+        read = "" if te is None else f"{extras.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  "
         extras.log(f"epoch {epoch + 1:>3}/{epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f}  "
-            f"{extras.eval_name} loss {te['loss']:.4f} acc {te['acc']:.4f}  lr {tr['lr'][-1]:.2e}")
+                   f"{read}lr {tr['lr'][-1]:.2e}")
     if extras.checkpoint_path is not None:
         state.save(extras.checkpoint_path, epoch)
     return "stop" if stop else None
@@ -187,8 +194,9 @@ class TrainingState:
     history: dict = field(default_factory=new_history)
     options: dict = field(default_factory=dict)      # RunOptions.recorded(): precision, layout, augmentation
 
-    def record(self, tr: dict, te: dict, seconds: float) -> None:
-        """Append one epoch's training and evaluation results to the history."""
+    def record(self, tr: dict, te: dict | None, seconds: float) -> None:
+        """Append one epoch's training and evaluation results to the history (te None: not evaluated)."""
+        te = te or {"loss": None, "acc": None}
         for key, value in (("train_loss", tr["loss"]), ("train_acc", tr["acc"]),
                            ("eval_loss", te["loss"]), ("eval_acc", te["acc"])):
             self.history[key].append(value)
@@ -324,7 +332,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
                         eval_name="val" if recipe.val_split > 0 else "test",
                         loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
-                        micro_batch=recipe.micro_batch, log=log)
+                        micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log)
     # each epoch's evaluation is a progress signal, without test-time augmentation; the final
     # test below applies the recipe's
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,

@@ -196,10 +196,10 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(epochs, history["train_loss"], "o-", label="train")
-    axes[0].plot(epochs, history["eval_loss"], "o-", label=eval_name)
+    axes[0].plot(epochs, np.asarray(history["eval_loss"], dtype=float), "o-", label=eval_name)   # None: not read
     axes[0].set_ylabel("loss"), axes[0].set_title("Loss per epoch")
     axes[1].plot(epochs, 100 * np.asarray(history["train_acc"]), "o-", label="train")
-    axes[1].plot(epochs, 100 * np.asarray(history["eval_acc"]), "o-", label=eval_name)
+    axes[1].plot(epochs, 100 * np.asarray(history["eval_acc"], dtype=float), "o-", label=eval_name)
     axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
     if target is not None:
         axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:g} %")
@@ -225,8 +225,8 @@ def compare_runs(histories: dict, eval_name: str = "validation"):
     for (name, h), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         epochs = np.arange(1, len(h["eval_acc"]) + 1)
         axes[0].plot(epochs, h["train_loss"], "--", color=color, label=f"{name}: train")
-        axes[0].plot(epochs, h["eval_loss"], "o-", color=color, label=f"{name}: {eval_name}")
-        axes[1].plot(epochs, 100 * np.asarray(h["eval_acc"]), "o-", color=color, label=name)
+        axes[0].plot(epochs, np.asarray(h["eval_loss"], dtype=float), "o-", color=color, label=f"{name}: {eval_name}")
+        axes[1].plot(epochs, 100 * np.asarray(h["eval_acc"], dtype=float), "o-", color=color, label=name)
     axes[0].set_ylabel("loss"), axes[0].set_title("Loss per epoch")
     axes[1].set_ylabel(f"{eval_name} accuracy (%)"), axes[1].set_title(f"{eval_name.capitalize()} accuracy per epoch")
     for ax in axes:

@@ -165,7 +165,8 @@ def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, 
             batch = min(batch, config.SMOKE_BATCH_SIZE)
         variant = dataclasses.replace(config.recipe(base, smoke=False), **changes)  # None is a value here
         recipes[name] = variant.replace(epochs=epochs, peak_epoch=min(s.peak_epoch, epochs), batch_size=batch,
-                                        test_batch_size=256).validate()   # the eval batch changes only the time
+                                        test_batch_size=256, eval_every=1).validate()   # a curve per row; the
+                                        # eval batch and the readings change only the time, not the training
     return recipes
 
 

@@ -1,12 +1,14 @@
 """Training engine: the OneCycle schedule, overfitting, checkpoints, early stopping,
 the divergence guard and run-to-run determinism, on real images."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from conftest import REPO
-from helpers import engine, hardware, loop, optim
+from helpers import analysis, engine, hardware, loop, optim, plots
 from helpers.augment import test_transforms
 from helpers import config
 from helpers.checkpoint import inference_settings, load_checkpoint, load_model, save_checkpoint
@@ -126,6 +128,31 @@ def test_micro_batches_add_up_to_the_whole_batchs_step(small_data):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert sliced["loss"] == pytest.approx(whole["loss"], rel=1e-5) and sliced["acc"] == whole["acc"]
     assert sliced["lr"] == whole["lr"] == [0.5] * 3                                      # one step per batch
+
+
+def test_reading_the_test_set_only_after_the_last_epoch_trains_the_same_weights(small_data):
+    """eval_every 0 (the fast recipe's timed run) skips the readings between epochs, records None
+    for them, and changes nothing else: the same losses, final reading and weights as every epoch."""
+    runs = []
+    for every in (1, 0):
+        r = dataclasses.replace(recipe("compact", smoke=True, epochs=3), early_stopping_patience=None, eval_every=every)
+        lines = []
+        runs.append((engine.train(r, small_data, hardware.RunOptions(device="cpu"), log=lines.append), lines))
+    (each, each_log), (last, last_log) = runs
+    h1, h0 = each["history"], last["history"]
+    assert all(v is not None for v in h1["eval_acc"]) and h0["eval_acc"][:2] == h0["eval_loss"][:2] == [None, None]
+    assert h0["eval_acc"][-1] == h1["eval_acc"][-1] and h0["eval_loss"][-1] == h1["eval_loss"][-1]
+    assert h0["train_loss"] == h1["train_loss"] and each["test"] == last["test"]
+    w1, w0 = each["model"].state_dict(), last["model"].state_dict()
+    assert all(torch.equal(w1[k], w0[k]) for k in w1)
+    assert ["val loss" in line for line in last_log if line.startswith("epoch")] == [False, False, True]
+    table = analysis.history_table(h0).splitlines()
+    assert table[2].split()[3:5] == ["-", "-"] and "%" in table[4].split()[4]      # epoch 1: not read; 3: read
+    plots.training_curves(h0)                                                      # draws the one reading
+    with pytest.raises(ConfigError, match="early stopping reads the eval set after every epoch"):
+        recipe("compact", smoke=True, eval_every=0)
+    with pytest.raises(ConfigError, match="eval_every must be a whole number >= 0, got -1"):
+        recipe("fast", smoke=True, eval_every=-1)
 
 
 def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):
