@@ -75,7 +75,8 @@ def fit(model: nn.Module, train_loader, eval_loader, *, optimizer, epochs: int, 
     require_whole("epochs", epochs)
     options, extras = options or RunOptions(), extras or FitOptions()
     if extras.early_stopping and extras.eval_every != 1:
-        raise ConfigError(f"early stopping reads the eval set after every epoch: eval_every must be 1, not {extras.eval_every}")
+        raise ConfigError(f"early stopping reads the eval set after every epoch: eval_every must be 1, "
+                          f"not {extras.eval_every}")
     device = get_device(options.device)
     if options.amp == "fp16" and device.type == "cpu":              # the command line refuses it outright
         warnings.warn(FP16_ON_CPU, stacklevel=2)

@@ -54,8 +54,9 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
     base = recipes["fast recipe"]
     s = study.STUDIES["fast"]
     assert (base.epochs, base.peak_epoch, base.batch_size) == (s.epochs, s.peak_epoch, s.batch_size)
+    assert base.eval_every == 1                                           # a study reads every epoch
     assert base.replace(epochs=full.epochs, peak_epoch=full.peak_epoch, batch_size=full.batch_size,
-                        test_batch_size=full.test_batch_size) == full
+                        test_batch_size=full.test_batch_size, eval_every=full.eval_every) == full
     changed = {}
     for name, r in recipes.items():
         diff = {k for k, v in r.to_dict().items() if v != base.to_dict()[k]}
@@ -132,7 +133,8 @@ def test_fast_ingredients_study_leaves_out_one_of_airbench94s_ingredients_per_ro
     assert [(r.epochs, r.batch_size, r.micro_batch, r.schedule, r.muon_lr, r.lookahead) for r in muon] == [
         (8, 2000, None, "linear", 0.24, False), (10, 2000, None, "linear", 0.24, False),   # rows keep their own length
         (10, 2000, 500, "linear", 0.24, False)]
-    assert recipes["fast recipe"] == config.recipe("fast").replace(test_batch_size=256, peak_epoch=2)   # unused: linear
+    assert recipes["fast recipe"] == config.recipe("fast").replace(test_batch_size=256, peak_epoch=2,  # unused: linear
+                                                                   eval_every=1)      # a curve per row
     sub = study.study_data(_FakeData(), study="fast-ingredients")
     assert sub == ("validation", 4500, 500)
 
