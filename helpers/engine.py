@@ -334,8 +334,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
                         eval_name="val" if recipe.val_split > 0 else "test",
                         loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                         micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log)
-    # each epoch's evaluation is a progress signal, without test-time augmentation; the final
-    # test below applies the recipe's
+    # the readings during training (recipe.eval_every) are a progress signal, without test-time
+    # augmentation; the final test below applies the recipe's
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,
                   options=options, extras=extras)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"

@@ -293,7 +293,7 @@ def test_smoke_training_learns_keeps_whitening_frozen_and_reloads(small_data, tm
 
 
 def test_fast_vs_anchor_pairs_each_seed_by_date_and_names_the_training():
-    """results/fast_vs_anchor.py's page: each fast run's time over the anchor run just before it, the fast recipe named
+    """results/fast_vs_anchor.py's page: each fast run's time over the nearest anchor run of its seed and day, the fast recipe named
     by its training (rows from before Muon carry none: airbench94's), a mean per recipe."""
     import importlib.util
 
