@@ -6,6 +6,7 @@ layout, where augmentation runs, loader processes, and the seeding of every rand
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from .errors import ConfigError
 
+CPU_NHWC = "channels_last: oneDNN's CPU convolutions run NHWC faster in fp32 too"   # results/cpu_benchmark.md
 FP16_ON_CPU = ("fp16 on a CPU is emulated, dozens of times slower than bf16: use bf16 (--amp bf16) on a CPU with "
                "AVX-512 BF16 or AMX, else fp32 (--amp off)")
 
@@ -70,6 +72,17 @@ class RunOptions:
         return "\n".join([head, *(f"  - {r}" for r in self.reasons.values())])
 
 
+def native_bf16(device) -> bool:
+    """True where bf16 matrix products run on matrix units: CUDA GPUs of compute capability 8
+    (Ampere) or newer, CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated: on a 2-core
+    AVX2 CPU a bf16 matmul ran 30x slower than fp32 (results/cpu_benchmark.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 matrix instructions (AVX-512 BF16 or AMX)."""
     try:
@@ -86,26 +99,27 @@ def auto_options(device=None) -> RunOptions:
     - CUDA: bf16 autocast on Ampere and newer; fp16 with a grad scaler before (Colab's T4
       has no bf16 tensor cores); channels_last; the augmentation on the GPU (the CPU would
       otherwise feed it too slowly).
-    - CPU: bf16 only with AVX-512 BF16 or AMX (elsewhere bf16 is emulated, slower than
-      fp32), then channels_last as well; the on-device augmentation, which spares the two
-      cores of a laptop or CI machine the loader processes.
+    - CPU: bf16 only with AVX-512 BF16 or AMX (elsewhere bf16 is emulated, over 10x slower than
+      fp32); channels_last in either precision (oneDNN's convolutions run NHWC faster in fp32
+      too: results/cpu_benchmark.md); the on-device augmentation, which spares the two cores of
+      a laptop or CI machine the loader processes.
     - Apple MPS: fp32, the augmentation on the device.
     """
     device = get_device(str(device) if device is not None else None)
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        amp = "bf16" if major >= 8 else "fp16"
+        amp = "bf16" if native_bf16(device) else "fp16"
         why = {"amp": f"{amp}: {torch.cuda.get_device_name(device)} has "
-                      + ("bf16 tensor cores" if major >= 8 else "fp16 but no bf16 tensor cores (grad scaler on)"),
+                      + ("bf16 tensor cores" if amp == "bf16" else "fp16 but no bf16 tensor cores (grad scaler on)"),
                "channels_last": "channels_last: tensor cores read NHWC without transposes",
                "fast_augment": "on-device augmentation: the GPU augments whole batches, no CPU bottleneck"}
         channels_last = True
     elif device.type == "cpu":
-        native = _cpu_has_native_bf16()
-        amp, channels_last = ("bf16" if native else None), native
-        why = {"amp": "bf16 + channels_last: this CPU has AVX-512 BF16/AMX matrix instructions (about 2x fp32)"
-                      if native else "fp32: this CPU has no native bf16 (emulated bf16 is slower than fp32)",
-               "fast_augment": "on-device augmentation: whole uint8 batches, no loader processes competing for cores"}
+        native = native_bf16(device)
+        amp, channels_last = ("bf16" if native else None), True
+        why = {"amp": "bf16 + channels_last: this CPU has AVX-512 BF16/AMX matrix instructions (about 2x fp32)"} \
+            if native else {"amp": "fp32: this CPU has no native bf16 (emulated bf16 is over 10x slower than fp32)",
+                            "channels_last": CPU_NHWC}
+        why["fast_augment"] = "on-device augmentation: whole uint8 batches, no loader processes competing for cores"
     else:
         amp, channels_last = None, False
         why = {"amp": f"fp32: mixed precision is not set up for {device.type} here",
@@ -142,12 +156,13 @@ def choose_options(device, given: dict, *, augment: str, resumed: dict | None = 
     if "channels_last" in given:
         layout = given["channels_last"]
         why["channels_last"] = said("channels_last", layout, "channels-last")
-    else:                                              # NHWC pays with the bf16/fp16 matrix units
-        layout = auto.channels_last and amp is not None
-        if "amp" in given:
+    else:          # on a GPU NHWC pays with the bf16/fp16 matrix units only; on a CPU in fp32 as well
+        follows_amp = torch.device(device).type != "cpu"
+        layout = auto.channels_last and (amp is not None or not follows_amp)
+        if "amp" in given and follows_amp:
             why["channels_last"] = f"channels_last {'on' if layout else 'off'}: follows --amp {amp or 'off'}"
-        elif "channels_last" in auto.reasons:
-            why["channels_last"] = auto.reasons["channels_last"]
+        elif "channels_last" in auto.reasons or (layout and amp is None):
+            why["channels_last"] = auto.reasons.get("channels_last", CPU_NHWC)
     if "fast_augment" in given:
         fast = given["fast_augment"]
         why["fast_augment"] = said("on-device augmentation", fast, "fast-augment")

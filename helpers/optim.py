@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, require_positive, require_whole
+from .hardware import native_bf16
 
 OPTIMIZERS = {   # name -> (torch class, how the recipe's momentum enters it)
     "adam": "Adam, momentum as beta1 (S10)",
@@ -89,12 +90,13 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients: steep a
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Roughly U V^T for the SVD g = U S V^T of a 2-D g, by Newton-Schulz steps in bfloat16:
+    """Roughly U V^T for the SVD g = U S V^T of a 2-D g, by Newton-Schulz steps:
     x <- a x + (b x x^T + c (x x^T)^2) x moves every singular value of x (scaled to at most 1)
     toward 1. Three steps leave them between about 0.5 and 1.5, not at 1, which costs nothing
-    in training and much less than an SVD."""
+    in training and much less than an SVD. In bfloat16, as airbench94_muon, where the device
+    multiplies it natively; in fp32 elsewhere (emulated bf16 would cost seconds a step)."""
     a, b, c = NEWTON_SCHULZ
-    x = g.to(torch.bfloat16)
+    x = g.to(torch.bfloat16 if native_bf16(g.device) else torch.float32)
     x = x / (x.norm() + eps)
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T                     # x x^T is the smaller square

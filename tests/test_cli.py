@@ -281,12 +281,13 @@ def test_dry_run_trains_one_epoch_and_saves_nothing(tmp_path):
 
 @pytest.mark.parametrize("model", ["resnet9", "compact", "vgg"])
 def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
-    """The CLI, like the notebooks, runs bf16 + channels_last where the device has fast bf16 and
-    the on-device augmentation where the recipe's augmentation has that twin (not seed 004's)."""
+    """The CLI, like the notebooks, runs bf16 where the device has fast bf16, channels_last on a CPU
+    in either precision, and the on-device augmentation where the recipe's augmentation has that twin (not seed 004's)."""
     import torch
 
     from helpers.cli import build_parser, speed_options
     from helpers.config import recipe
+    from helpers import hardware
     from helpers.hardware import auto_options
 
     auto, r = auto_options("cpu"), recipe(model)
@@ -294,7 +295,7 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
     twin = r.augment != "flip-shift-rotate"
     assert (opts.amp, opts.channels_last) == (auto.amp, auto.channels_last)
     assert opts.fast_augment is twin and opts.workers == (0 if twin else 2)
-    assert opts.reasons["amp"].startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU")
+    assert opts.channels_last and opts.reasons["amp"].startswith("bf16 + channels_last" if auto.amp else "fp32: this CPU")
     assert ("flip-shift-rotate has no on-device twin" in opts.reasons["fast_augment"]) is (not twin)
     # a flag given wins, and the reason says so
     given = build_parser().parse_args(["train", "--arch", model, "--amp", "off", "--no-channels-last",
@@ -311,10 +312,10 @@ def test_speed_flags_left_out_are_what_auto_options_picks_for_the_device(model):
     opts = speed_options(build_parser().parse_args(["train", "--arch", model, "--no-fast-augment"]), r,
                          torch.device("cpu"))
     assert not opts.fast_augment and opts.workers == 2 and opts.reasons["fast_augment"] == "on-device augmentation off: --no-fast-augment"
-    # --amp alone: channels_last follows it, and no auto reason contradicts the header
+    # --amp alone: on a CPU channels_last stays on (NHWC pays in fp32 there too), for the auto reason
     opts = speed_options(build_parser().parse_args(["train", "--arch", model, "--amp", "off"]), r, torch.device("cpu"))
-    assert (opts.amp, opts.channels_last) == (None, False)
-    assert (opts.reasons["amp"], opts.reasons["channels_last"]) == ("fp32: --amp off", "channels_last off: follows --amp off")
+    assert (opts.amp, opts.channels_last) == (None, True)
+    assert (opts.reasons["amp"], opts.reasons["channels_last"]) == ("fp32: --amp off", hardware.CPU_NHWC)
 
 
 def test_a_resumed_run_keeps_the_speed_settings_its_checkpoint_records():

@@ -200,6 +200,25 @@ def test_orthogonalise_pulls_every_singular_value_toward_one(shape):
     assert (o - polar).norm() < 0.25 * polar.norm()        # and the directions are g's: U V^T
 
 
+def test_orthogonalise_runs_in_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
+    """bf16 Newton-Schulz steps (airbench94_muon's) with native bf16; fp32 on a CPU without it,
+    where emulated bf16 matmuls cost seconds a step. Both land near U V^T."""
+    g, polar = _matrix(256, 576)
+    out = {}
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "_cpu_has_native_bf16", lambda n=native: n)
+        out[native] = optim.orthogonalise(g)
+        a, b, c = optim.NEWTON_SCHULZ
+        x = g.to(torch.bfloat16 if native else torch.float32)
+        x = x / (x.norm() + 1e-7)
+        for _ in range(3):
+            s = x @ x.T
+            x = a * x + (b * s + c * s @ s) @ x
+        assert torch.equal(out[native], x.float())          # the steps written out, in that precision
+        assert (out[native] - polar).norm() < 0.3 * polar.norm()
+    assert not torch.equal(out[True], out[False])
+
+
 def test_muon_steps_sgd_groups_as_torch_and_filters_by_its_definition():
     def make():
         torch.manual_seed(0)
