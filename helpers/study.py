@@ -213,10 +213,11 @@ def run_study(data: CIFAR10Data, options=None, *, smoke: bool = False, log=print
         seen = sub.subset(min(len(sub.train_labels) // 10, TRAIN_ACC_PER_CLASS), 1)   # at most 10,000 of them
         clean = build_loaders(r.replace(augment="none"), seen)[0]               # no augmentation
         held_out = build_loaders(r.replace(augment="none"), sub)[2]
-        train_acc = evaluate(run["model"], clean, tta=r.tta(), progress=False)["acc"]
+        speed = {"amp": options.amp, "channels_last": options.channels_last}   # as training's readings
+        train_acc = evaluate(run["model"], clean, tta=r.tta(), progress=False, **speed)["acc"]
         test_acc = run["test"]["acc"]
         if r.tta_flip and r.tta_shift:           # the TTA choice, made on the held-out images
-            row["tta_acc"] = tta_readings(run["model"], held_out, r.tta_shift)
+            row["tta_acc"] = tta_readings(run["model"], held_out, r.tta_shift, **speed)
         rows.append({**row, "train_acc_augmented": run["history"]["train_acc"][-1],
                      "train_acc": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc,
                      "held_out_acc_per_epoch": [round(a, 4) for a in run["history"]["eval_acc"]],
