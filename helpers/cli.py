@@ -138,7 +138,7 @@ def _add_train(sub) -> None:
     a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision. auto: bf16 on "
       "Ampere+ GPUs and on CPUs with AVX-512 BF16/AMX, fp16 with a grad scaler on older GPUs, else off (float32)")
     a("--channels-last", action=argparse.BooleanOptionalAction,
-      help="NHWC memory layout (default: as auto picks: on with tensor cores or CPU bf16)")
+      help="NHWC memory layout (default: as auto picks: on with GPU tensor cores and on any CPU)")
     a("--compile", action="store_true", help="torch.compile the model")
     for field in dataclasses.fields(config.Recipe):       # the recipe flags, generated in the Recipe's order
         if field.name in RECIPE_FLAGS:

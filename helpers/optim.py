@@ -94,7 +94,8 @@ def orthogonalise(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
     x <- a x + (b x x^T + c (x x^T)^2) x moves every singular value of x (scaled to at most 1)
     toward 1. Three steps leave them between about 0.5 and 1.5, not at 1, which costs nothing
     in training and much less than an SVD. In bfloat16, as airbench94_muon, where the device
-    multiplies it natively; in fp32 elsewhere (emulated bf16 would cost seconds a step)."""
+    multiplies it natively; in fp32 elsewhere (emulated bf16 would cost seconds a step). So a
+    run resumed on hardware of the other kind takes these steps in the other precision."""
     a, b, c = NEWTON_SCHULZ
     x = g.to(torch.bfloat16 if native_bf16(g.device) else torch.float32)
     x = x / (x.norm() + eps)

@@ -362,6 +362,24 @@ def test_auto_options_on_cuda_follow_the_compute_capability(monkeypatch):
         assert ("grad scaler" in opts.describe()) == (amp == "fp16")
 
 
+def test_channels_last_follows_amp_on_a_gpu_and_stays_on_a_cpu(monkeypatch):
+    """NHWC pays with a GPU's 16-bit matrix units only, so --amp off turns it off there; on a CPU
+    it pays in fp32 as well and stays on, whatever the CPU's bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    real = hardware.get_device
+    monkeypatch.setattr(hardware, "get_device", lambda preferred=None: torch.device("cuda") if preferred == "cuda"
+                        else real(preferred))
+    gpu = hardware.choose_options("cuda", {"amp": None}, augment="seed001")
+    assert (gpu.amp, gpu.channels_last) == (None, False) and "follows --amp off" in gpu.reasons["channels_last"]
+    assert hardware.choose_options("cuda", {}, augment="seed001").channels_last
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "_cpu_has_native_bf16", lambda n=native: n)
+        for given in ({}, {"amp": None}, {"amp": "bf16"}):
+            cpu = hardware.choose_options("cpu", given, augment="seed001")
+            assert cpu.channels_last and "channels_last" in cpu.describe().split("\n", 1)[1], (native, given)
+
+
 def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp_path, small_data):
     from helpers.analysis import predict
     from helpers.checkpoint import export_fp16
