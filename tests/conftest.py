@@ -59,6 +59,13 @@ def small_data(real_data):
     return real_data.smoke_subset()
 
 
+@pytest.fixture(scope="session")
+def tiny_data(small_data):
+    """A smaller stratified real subset, 30 train and 10 test images per class, for tests of a
+    mechanism (exact resumption, equal runs, what a setting switches) rather than of learning."""
+    return small_data.subset(30, 10)
+
+
 def write_image_tree(root: Path, per_class: dict[str, int] | int = 3, classes=None, seed: int = 0,
                      suffix: str = ".png") -> Path:
     """Write a tiny train/<class>/*.png, test/<class>/*.png tree of random 32x32 RGB images."""

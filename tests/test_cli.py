@@ -174,15 +174,14 @@ def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
         assert_png(path)
 
 
-def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, tmp_path):
+def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, small_data, tmp_path):
     from helpers.analysis import predict
     from helpers.checkpoint import load_model
-    from helpers.data import load_cifar10
 
-    if trained.model not in ("resnet9", "fast"):           # one recipe without TTA, one with
-        pytest.skip("resnet9 and fast cover both kinds of recipe")
+    if trained.model not in ("compact", "fast"):           # one recipe without TTA, one with
+        pytest.skip("compact and fast cover both kinds of recipe")
     model, ckpt = load_model(trained.final)
-    sub = load_cifar10(DATA).smoke_subset()
+    sub = small_data                                       # the smoke subset the CLI tests on
     for tta, label, keywords in (("flip", "flip", (True, 0)), ("none", None, (False, 0))):
         proc = cli("test", "--model", trained.final, "--tta", tta, "--grid", "0", "--out", tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,6 +9,7 @@ each kind. The two final test accuracies (500 images, 2 epochs) must agree withi
 both be at least 0.18 (chance is 0.10); measured: single 0.26-0.31, DDP 0.25-0.28 over
 seeds 0-2. They are not bit-identical, nor expected to be: each process normalises its own
 half-batch (BatchNorm statistics are per process) and the data is split differently.
+The single process is also the suite's check that seed 001's recipe learns in smoke mode.
 
 Settings: OMP_NUM_THREADS=1 per process (torchrun sets it too), --workers 0, --device cpu, fp32
 and the albumentations loader (--amp off --no-fast-augment: the DistributedSampler path).

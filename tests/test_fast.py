@@ -43,13 +43,13 @@ def test_training_before_the_whitening_is_set_is_refused():
     assert "whitened" in model.state_dict()                        # saved, so a loaded model may train on
 
 
-def test_without_whitening_the_first_layer_is_learned_from_its_random_init(small_data):
+def test_without_whitening_the_first_layer_is_learned_from_its_random_init(tiny_data):
     from helpers.errors import ConfigError
 
     r = config.recipe("fast", smoke=True, epochs=1, whiten=False)
     hardware.seed_everything(r.seed)
     untouched = get_model("fast").whiten.weight.clone()            # train() seeds, then builds this net
-    run = engine.train(r, small_data, hardware.RunOptions("cpu", fast_augment=True, progress=False))
+    run = engine.train(r, tiny_data, hardware.RunOptions("cpu", fast_augment=True, progress=False))
     stem = run["model"].whiten.weight
     assert stem.requires_grad and not run["model"].whitened
     assert stem.shape == untouched.shape and not torch.equal(stem, untouched)   # trained, not computed

@@ -25,6 +25,15 @@ def airbench94_smoke(**changes) -> config.Recipe:
     return dataclasses.replace(smoke, **{**config.AIRBENCH94, "batch_size": smoke.batch_size, "peak_epoch": 1,
                                          **changes}).validate()
 
+
+def learned(run) -> bool:
+    """Two epochs on tiny_data's 300 images learned something: the training loss fell, and the
+    test loss is below ln 10, a uniform guess's (measured: 2.31 -> 2.28 and 2.27 for airbench94's
+    training, 2.39 -> 2.22 and 2.06 with Muon)."""
+    losses = run["history"]["train_loss"]
+    return all(np.isfinite(losses)) and losses[-1] < losses[0] and run["test"]["loss"] < np.log(10)
+
+
 def batchnorms(model):
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
@@ -149,12 +158,12 @@ def test_alternating_flips_mirror_each_image_on_alternate_epochs(small_data):
         loaders.build_loaders(r, small_data, hardware.RunOptions("cpu", fast_augment=False))
 
 
-def test_whitening_bias_trains_for_its_epochs_then_stays(small_data):
+def test_whitening_bias_trains_for_its_epochs_then_stays(tiny_data):
     r = config.recipe("fast", smoke=True, epochs=3, whiten_bias_epochs=1)
     hardware.seed_everything(r.seed)
-    model = engine.build_model(r, small_data)
+    model = engine.build_model(r, tiny_data)
     start, snapshots = model.whiten.bias.clone(), []
-    train_loader, eval_loader, _ = loaders.build_loaders(r, small_data, hardware.RunOptions("cpu", fast_augment=True))
+    train_loader, eval_loader, _ = loaders.build_loaders(r, tiny_data, hardware.RunOptions("cpu", fast_augment=True))
     optimizer = optim.optimizer_for(r, model)
     extras = engine.FitOptions(log=lambda line: snapshots.append(model.whiten.bias.detach().clone()))
     engine.fit(model, train_loader, eval_loader, optimizer=optimizer, epochs=3, options=hardware.RunOptions("cpu"),
@@ -164,22 +173,22 @@ def test_whitening_bias_trains_for_its_epochs_then_stays(small_data):
     assert not model.whiten.bias.requires_grad
 
 
-def test_all_ingredients_train_reload_and_resume_exactly(small_data, tmp_path):
+def test_all_ingredients_train_reload_and_resume_exactly(tiny_data, tmp_path):
     r = airbench94_smoke(epochs=2, **AIRBENCH)
     assert r.lookahead and r.muon_lr is None
     options = hardware.RunOptions("cpu", fast_augment=True, progress=True)
-    run = engine.train(r, small_data, options, checkpoint_path=tmp_path / "full.pt", log=lambda line: None)
-    assert run["test"]["acc"] > 0.2 and all(np.isfinite(run["history"]["train_loss"]))
+    run = engine.train(r, tiny_data, options, checkpoint_path=tmp_path / "full.pt", log=lambda line: None)
+    assert learned(run)
     assert [bn.eps for bn in batchnorms(run["model"])] == [1e-12] * 6
     path = save_checkpoint(tmp_path / "fast.pt", run["model"], "fast", config=r.to_dict())
     loaded, _ = load_model(path)
     assert all(bn.eps == 1e-12 for bn in batchnorms(loaded))        # rebuilt with the recipe's eps
-    x = torch.as_tensor(small_data.test_images[:64]).permute(0, 3, 1, 2).float()
+    x = torch.as_tensor(tiny_data.test_images[:64]).permute(0, 3, 1, 2).float()
     from helpers.augment import normalize_batch
-    x = normalize_batch(x, small_data.mean, small_data.std)
+    x = normalize_batch(x, tiny_data.mean, tiny_data.std)
     assert torch.equal(loaded(x), run["model"].eval()(x))
 
-    _check_resumes_exactly(r, small_data, options, run, tmp_path)
+    _check_resumes_exactly(r, tiny_data, options, run, tmp_path)
 
 
 def _matrix(rows, cols, spread=10.0, seed=0):
@@ -282,12 +291,12 @@ def test_airbench94_muons_groups_and_linear_decay():
         config.recipe("resnet9", muon_lr=0.24)
 
 
-def test_muon_recipe_trains_and_resumes_exactly(small_data, tmp_path):
+def test_muon_recipe_trains_and_resumes_exactly(tiny_data, tmp_path):
     r = config.recipe("fast", smoke=True, epochs=2, micro_batch=48, **AIRBENCH)      # 128 = 48 + 48 + 32
     options = hardware.RunOptions("cpu", fast_augment=True)
-    run = engine.train(r, small_data, options, log=lambda line: None)
-    assert run["test"]["acc"] > 0.2 and run["history"]["lr"][-1] == pytest.approx(r.lr / len(run["history"]["lr"]))
-    _check_resumes_exactly(r, small_data, options, run, tmp_path)
+    run = engine.train(r, tiny_data, options, log=lambda line: None)
+    assert learned(run) and run["history"]["lr"][-1] == pytest.approx(r.lr / len(run["history"]["lr"]))
+    _check_resumes_exactly(r, tiny_data, options, run, tmp_path)
 
 
 def _check_resumes_exactly(r, data, options, run, tmp_path):
