@@ -3,6 +3,7 @@ small generated image-folder trees."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,37 @@ def _data_dir() -> Path:
     if not path.is_absolute() and not path.is_dir():
         path = REPO / path
     return path.resolve()
+
+
+# Under pytest-xdist (pyproject's `-n auto`) each worker is one process per core: one torch
+# thread each, so two workers never fight over a core (set before torch is imported)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Which tests must share an xdist worker (`--dist loadgroup`; the others go to any free
+    one): the notebooks, all on one and in order (04 resumes with what 03 chose, 05 reads what
+    04 trained), and the tests that share a module-scoped fixture (a CLI training, say), so
+    that it is built once: one group per module and per value of its parameters."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        if item.path.suffix == ".ipynb":
+            group = "notebooks"
+        else:
+            fixtures = getattr(item, "_fixtureinfo", None)
+            shared = sorted(name for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ())
+                            if defs and defs[-1].scope in ("module", "class", "package"))
+            if not shared:
+                continue
+            params = getattr(item, "callspec", None)
+            group = item.path.name + "".join(f"[{params.params[n]}]" for n in shared
+                                             if params is not None and n in params.params)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 DATA = _data_dir()

@@ -204,6 +204,8 @@ def test_channel_stats_are_computed_from_training_images(real_data):
     sample = real_data.train_images[:2000].astype(np.float64) / 255
     m, s = D.channel_stats(real_data.train_images[:2000])
     assert np.allclose(m, sample.mean((0, 1, 2))) and np.allclose(s, sample.std((0, 1, 2)))
+    with pytest.raises(ConfigError, match="uint8 image array"):       # already scaled: would read 255x too small
+        D.channel_stats(sample)
 
 
 def test_expect_full_rejects_a_small_copy(tmp_path):

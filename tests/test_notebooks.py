@@ -204,7 +204,7 @@ def test_plain_pytest_runs_in_smoke_mode_unless_told_otherwise(tmp_path):
     for setting, expected in ((None, "SMOKE_TEST=1"), ("0", "SMOKE_TEST=0")):
         run_env = env if setting is None else {**env, "SMOKE_TEST": setting}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
-                               str(ROOT), "-s", "-q", str(probe)], cwd=ROOT, env=run_env,
+                               str(ROOT), "-n", "0", "-s", "-q", str(probe)], cwd=ROOT, env=run_env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert expected in proc.stdout
