@@ -6,8 +6,8 @@ Sources, in the order `load_cifar10()` looks for them:
   3. `./data`, downloading torchvision's CIFAR-10 there if needed (what Colab users get).
 A root can be torchvision's folder (holding `cifar-10-batches-py/`) or an image-folder tree
 `<root>/train/<class>/*.png|jpg` and `<root>/test/<class>/*`. An image-folder tree is
-decoded once and cached as arrays under the user's cache folder, so later loads of the
-full dataset take about a second.
+decoded once and cached as arrays (and its mean and std) under the user's cache folder, so
+later loads of the full dataset take about a second, most of it checking the files.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import config
 from .errors import ConfigError, DatasetError, require_whole
-from .files import atomic_write
+from .files import _umask
 
 # ----------------------------------------------------------------------------------------
 # What CIFAR-10 is
@@ -110,11 +110,13 @@ class CIFAR10Data:
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images (N, H, W, C), scaled to 0..1, in float64.
-    Read off each channel's histogram of the 256 values: exact, and 3x faster than summing."""
+    Read off each channel's histogram of the 256 values: exact, and faster than summing floats."""
     if images.ndim != 4 or len(images) == 0 or images.dtype != np.uint8:
         raise ConfigError(f"expected a non-empty (N, H, W, C) uint8 image array, got shape {images.shape} "
                           f"of {images.dtype}")
-    counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])])
+    pixels = images.reshape(-1, images.shape[-1])        # one channel at a time, copied contiguous first:
+    counts = np.stack([np.bincount(np.ascontiguousarray(pixels[:, c]), minlength=256)   # 2x faster counting
+                       for c in range(pixels.shape[1])])
     values = np.arange(256, dtype=np.float64)
     n = images.shape[0] * images.shape[1] * images.shape[2]
     mean = counts @ values / n
@@ -290,6 +292,11 @@ def _scan_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
     return listing
 
 
+def _root_key(root: Path) -> str:
+    """What names the cache of one dataset folder: a new version of it replaces the old."""
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+
+
 def _cache_key(root: Path, listing) -> str:
     h = hashlib.sha256(str(root.resolve()).encode())
     for split, per_class in listing.items():
@@ -329,14 +336,12 @@ def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
     except OSError as e:
         raise DatasetError(f"cannot read {e.filename or root} ({e.strerror or e}): fix that entry or "
                            "copy the dataset again") from e
-    cache_file = config.cache_dir() / f"imagefolder-{key}.npz"
-    if cache and cache_file.exists():
+    folder = config.cache_dir() / f"imagefolder-{_root_key(root)}-{key}"
+    if cache and folder.is_dir():
         try:
-            with np.load(cache_file) as z:
-                return CIFAR10Data(z["train_images"], z["train_labels"], z["test_images"],
-                                   z["test_labels"], CLASSES, source)
+            return _read_cache(folder, source)
         except Exception as e:                # any damage to the cache: decode again and rewrite it
-            print(f"note: the decode cache {cache_file.name} is unreadable ({type(e).__name__}); "
+            print(f"note: the decode cache {folder.name} is unreadable ({type(e).__name__}); "
                   "decoding the images again", file=sys.stderr)
     arrays = {}
     for split, per_class in listing.items():
@@ -346,10 +351,11 @@ def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
         for i, p in enumerate(_progress(paths, f"decoding {split} images")):
             images[i] = _decode(p)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    if cache:
-        _save_cache(cache_file, arrays)
-    return CIFAR10Data(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+    data = CIFAR10Data(arrays["train_images"], arrays["train_labels"], arrays["test_images"],
                        arrays["test_labels"], CLASSES, source)
+    if cache:
+        _save_cache(folder, {**arrays, "stats": np.array(data.stats)})
+    return data
 
 
 def _progress(items, desc: str):
@@ -359,13 +365,53 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, unit="img", leave=False, file=sys.stderr)
 
 
-def _save_cache(cache_file: Path, arrays: dict) -> None:
-    """Write the decoded arrays atomically; a read-only cache folder just means no cache."""
+# The decode cache: a folder of .npy files (read in a few hundredths of a second) that holds the
+# arrays and the training set's mean and std, written into a temporary folder and renamed into
+# place in one step, so that a reader finds a complete cache or none
+CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "stats")
+
+
+def _read_cache(folder: Path, source: str) -> CIFAR10Data:
+    a = {name: np.load(folder / f"{name}.npy") for name in CACHE_ARRAYS}
+    data = CIFAR10Data(a["train_images"], a["train_labels"], a["test_images"], a["test_labels"], CLASSES, source)
+    mean, std = a["stats"]
+    data.__dict__["stats"] = (tuple(map(float, mean)), tuple(map(float, std)))   # computed when it was decoded
+    return data
+
+
+def _save_cache(folder: Path, arrays: dict) -> None:
+    """Write the arrays into a new folder beside `folder` and rename it into place; a read-only
+    cache folder just means no cache. Leftovers of writers killed over 10 minutes ago go first, the
+    caches of earlier versions of the same dataset folder (and the old format's .npz files) last."""
+    import shutil
+    import tempfile
+    import time
+
     try:
-        with atomic_write(cache_file) as f:
-            np.savez(f, **arrays)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for old in folder.parent.glob(".imagefolder-*.tmp"):
+            if time.time() - old.stat().st_mtime > 600:
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~_umask())          # what mkdir would give it, not mkdtemp's 0700
     except OSError:
-        pass
+        return
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        if folder.exists():                   # a damaged cache, being replaced
+            shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    except OSError:                           # the disk is full, or another process got there first
+        return
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    root_key = folder.name.split("-")[1]
+    for old in folder.parent.glob(f"imagefolder-{root_key}-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in folder.parent.glob("imagefolder-*.npz"):
+        old.unlink(missing_ok=True)
 
 
 def _validate(data: CIFAR10Data, path: Path, expect_full: bool) -> None:

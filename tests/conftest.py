@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items):
     """Which tests must share an xdist worker (`--dist loadgroup`; the others go to any free
     one): the notebooks, all on one and in order (04 resumes with what 03 chose, 05 reads what
     04 trained), and the tests that share a module-scoped fixture (a CLI training, say), so
-    that it is built once: one group per module and per value of its parameters."""
+    that it is built once: one group per module and per value of its parameters ("test_cli.py/vgg")."""
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue
@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(items):
             if not shared:
                 continue
             params = getattr(item, "callspec", None)
-            group = item.path.name + "".join(f"[{params.params[n]}]" for n in shared
+            # "<file>/<value>...", never ending in "]": xdist reads a name that does as no group at all
+            group = item.path.name + "".join(f"/{params.params[n]}".replace("]", ")") for n in shared
                                              if params is not None and n in params.params)
         item.add_marker(pytest.mark.xdist_group(group))
 

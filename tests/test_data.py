@@ -1,6 +1,7 @@
 """Data loading: image-folder trees, torchvision batches, validation errors, stats, subsets, loaders."""
 from __future__ import annotations
 
+import os
 import pickle
 import time
 
@@ -12,6 +13,9 @@ from conftest import real_data_dir, write_image_tree
 from helpers import data as D, loaders
 from helpers.augment import train_transforms
 from helpers.errors import ConfigError, DatasetError
+
+
+SESSION_CACHE = os.environ.get("CIFAR10_CACHE")     # where the session's real_data fixture caches
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +42,37 @@ def test_image_folder_loads_pixels_labels_and_order(tmp_path):
 
 def test_image_folder_is_cached_and_cache_follows_changes(tmp_path):
     root = write_image_tree(tmp_path / "tree", per_class=2)
-    D.load_cifar10(root)
-    cached = list((tmp_path / "cache").glob("imagefolder-*.npz"))
-    assert len(cached) == 1
+    first = D.load_cifar10(root)
+
+    def caches():
+        return sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+    assert len(caches()) == 1 and caches()[0].startswith("imagefolder-")   # one folder, no temporary left
+    again = D.load_cifar10(root)                                          # from the cache: arrays and stats
+    assert np.array_equal(again.train_images, first.train_images) and again.stats == first.stats
+    assert again.__dict__["stats"] == D.channel_stats(first.train_images)  # read, not recomputed, and exact
     # a changed file must not be served from the stale cache
+    before = caches()
     from PIL import Image
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "dog" / "0000.png")
     data = D.load_cifar10(root)
     assert data.train_images[data.train_labels == 5][0].max() == 0
-    assert len(list((tmp_path / "cache").glob("imagefolder-*.npz"))) == 2
+    assert len(caches()) == 1 and caches() != before       # the new version's cache replaced the old
+    write_image_tree(tmp_path / "other", per_class=1)
+    D.load_cifar10(tmp_path / "other")
+    assert len(caches()) == 2                              # another dataset folder: a cache of its own
+
+
+def test_a_damaged_cache_is_decoded_again_and_replaced(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "tree", per_class=2)
+    first = D.load_cifar10(root)
+    (folder,) = (tmp_path / "cache").iterdir()
+    (folder / "train_images.npy").write_bytes(b"not an array")
+    data = D.load_cifar10(root)
+    assert "is unreadable (ValueError); decoding the images again" in capsys.readouterr().err
+    assert np.array_equal(data.train_images, first.train_images)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]   # rewritten in place
+    assert np.array_equal(np.load(folder / "train_images.npy"), first.train_images)
 
 
 def test_cifar10_dir_environment_variable_is_used(tmp_path, monkeypatch):
@@ -179,7 +205,10 @@ def test_torchvision_batches_load_when_verified(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(real_data_dir() is None, reason="no local CIFAR-10 copy")
 def test_real_dataset_has_full_counts_per_class_and_reloads_from_cache(real_data, monkeypatch):
-    monkeypatch.delenv("CIFAR10_CACHE")  # the session fixture filled the user's cache
+    if SESSION_CACHE is None:              # the session fixture filled the user's cache ...
+        monkeypatch.delenv("CIFAR10_CACHE")
+    else:                                  # ... or the one $CIFAR10_CACHE named
+        monkeypatch.setenv("CIFAR10_CACHE", SESSION_CACHE)
     assert real_data.train_images.shape == (50_000, 32, 32, 3)
     assert real_data.test_images.shape == (10_000, 32, 32, 3)
     assert set(real_data.counts("train").values()) == {5000}
