@@ -292,19 +292,16 @@ def _scan_image_folder(root: Path) -> dict[str, list[list[os.DirEntry]]]:
     return listing
 
 
-def _root_key(root: Path) -> str:
-    """What names the cache of one dataset folder: a new version of it replaces the old."""
-    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-
-
-def _cache_key(root: Path, listing) -> str:
-    h = hashlib.sha256(str(root.resolve()).encode())
+def _cache_name(root: Path, listing) -> str:
+    """imagefolder-<the folder>-<its files' names, sizes and times>: a new version of a dataset
+    folder gets a new name, and its cache replaces the old one (the same first part)."""
+    h = hashlib.sha256()
     for split, per_class in listing.items():
         for files in per_class:
             for e in files:
                 st = e.stat()
                 h.update(f"{split}/{e.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:20]
+    return f"imagefolder-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}-{h.hexdigest()[:20]}"
 
 
 def _decode(path: str) -> np.ndarray:
@@ -332,11 +329,11 @@ def _load_image_folder(root: Path, cache: bool = True) -> CIFAR10Data:
     listing = _list_image_folder(root)
     source = f"image folder {root}"
     try:
-        key = _cache_key(root, listing)
+        name = _cache_name(root, listing)
     except OSError as e:
         raise DatasetError(f"cannot read {e.filename or root} ({e.strerror or e}): fix that entry or "
                            "copy the dataset again") from e
-    folder = config.cache_dir() / f"imagefolder-{_root_key(root)}-{key}"
+    folder = config.cache_dir() / name
     if cache and folder.is_dir():
         try:
             return _read_cache(folder, source)
@@ -406,8 +403,7 @@ def _save_cache(folder: Path, arrays: dict) -> None:
         return
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    root_key = folder.name.split("-")[1]
-    for old in folder.parent.glob(f"imagefolder-{root_key}-*"):
+    for old in folder.parent.glob(folder.name.rsplit("-", 1)[0] + "-*"):     # the same dataset folder
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
     for old in folder.parent.glob("imagefolder-*.npz"):
