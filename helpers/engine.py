@@ -31,7 +31,7 @@ from .distributed import from_rank0, is_distributed, is_main
 from .errors import CheckpointError, ConfigError, DivergenceError, require_whole
 from .hardware import FP16_ON_CPU, RunOptions, get_device, seed_everything
 from .loaders import build_loaders, input_stats
-from .loop import DivergenceGuard, evaluate, grad_scaler, train_one_epoch
+from .loop import DivergenceGuard, evaluate, evaluate_views, grad_scaler, train_one_epoch
 from .models import FastNet, dirac_init, get_model, init_whitening, set_batchnorm
 from .optim import Lookahead, linear_decay, one_cycle, optimizer_for
 
@@ -62,6 +62,9 @@ class FitOptions:
     loss_fn: nn.Module | None = None     # the training and evaluation loss (None: cross-entropy)
     micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
     eval_every: int = 1              # read eval_loader after every this-many epochs and the last (0: the last only)
+    test_tta: dict | None = None     # eval_loader is the test set and the last epoch's weights are final: that
+    #                                  epoch's pass also gives the run's test reading, under these test-time
+    #                                  augmentations (recipe.tta()), into history["test"] (evaluate_views)
     log: Callable[[str], object] = print  # where the per-epoch lines go
 
 
@@ -116,12 +119,14 @@ def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, 
     record, log and save. Returns "stop" when early stopping says so, a message when the weights
     broke (then nothing is saved), else None."""
     te = None                                    # an epoch not read: None in the history's eval entries
-    if epoch + 1 == epochs or (extras.eval_every and (epoch + 1) % extras.eval_every == 0):
-        te = evaluate(net, eval_loader, loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last,
-                      progress=options.progress)
-        if not math.isfinite(te["loss"]):
-            return (f"the {extras.eval_name} loss is {te['loss']} after epoch {epoch + 1}: the weights diverged "
-                    f"in its last steps (LR {tr['lr'][-1]:.3g}); try a lower LR")
+    reading = dict(loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last, progress=options.progress)
+    if epoch + 1 == epochs and extras.test_tta is not None:
+        te, state.history["test"] = evaluate_views(net, eval_loader, extras.test_tta, **reading)
+    elif epoch + 1 == epochs or (extras.eval_every and (epoch + 1) % extras.eval_every == 0):
+        te = evaluate(net, eval_loader, **reading)
+    if te is not None and not math.isfinite(te["loss"]):
+        return (f"the {extras.eval_name} loss is {te['loss']} after epoch {epoch + 1}: the weights diverged "
+                f"in its last steps (LR {tr['lr'][-1]:.3g}); try a lower LR")
     if next(net.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     state.record(tr, te, time.perf_counter() - t0)
@@ -310,7 +315,8 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     `options` says how to run (device, precision, ...; default: fp32 on the best device).
     With `checkpoint_path` the whole training state is saved there after every epoch;
     `resume` continues from such a file, checked against the recipe first.
-    Returns {"model", "history", "test": {"loss", "acc"}, "recipe", "device"}.
+    Returns {"model", "history", "test": {"loss", "acc"}, "recipe", "device"}; the history also
+    holds "eval_set" ("test" or "validation") and the final "test" reading.
     """
     recipe.validate()
     options = options or RunOptions()
@@ -333,14 +339,19 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
                         eval_name="val" if recipe.val_split > 0 else "test",
                         loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
-                        micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log)
+                        micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log,
+                        test_tta=recipe.tta() if val_loader is test_loader and not recipe.early_stopping_patience
+                        else None)
     # the readings during training (recipe.eval_every) are a progress signal, without test-time
-    # augmentation; the final test below applies the recipe's
+    # augmentation; the final test applies the recipe's: read off the last epoch's pass when that
+    # pass was over the test set (test_tta), else (or for a run resumed from a history without it) below
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,
                   options=options, extras=extras)
     history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
-    test = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last, tta=recipe.tta(),
-                    progress=False) if is_main() else None
+    test = history.get("test")
+    if test is None and is_main():
+        test = history["test"] = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last,
+                                          tta=recipe.tta(), progress=False)
     return {"model": model, "history": history, "test": test, "recipe": recipe, "device": str(device)}
 
 

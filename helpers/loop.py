@@ -1,5 +1,6 @@
 """The training step and the loops around it, on any device: one epoch of training
-(`train_one_epoch`), one pass of evaluation (`evaluate`, `predict_logits`), and what the step
+(`train_one_epoch`), one pass of evaluation (`evaluate`, `predict_logits`; `evaluate_views` reads with
+and without test-time augmentation at once), and what the step
 needs on the way: batches moved to the device (`to_device`), mixed precision (`autocast` and a
 grad scaler that is on only for fp16), test-time augmentation, and a divergence guard that
 reads the losses back only once in a while. `helpers.engine.fit` runs these epoch after epoch.
@@ -237,7 +238,13 @@ def predict_logits(model: nn.Module, loader, *, amp: str | None = None, channels
     by a few pixels), weighted by `tta_weights` (tta_centre: the unshifted views' share)."""
     views, labels = view_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta_flip,
                                 tta_shift=tta_shift, progress=progress)
-    return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift, tta_centre), views), labels
+    return weigh_views(views, tta_flip, tta_shift, tta_centre), labels
+
+
+def weigh_views(views: torch.Tensor, tta_flip: bool = False, tta_shift: int = 0,
+                tta_centre: float = TTA_ALIKE) -> torch.Tensor:
+    """view_logits' views (views x images x classes) averaged with the weights of `tta_weights`."""
+    return torch.einsum("v,vnc->nc", tta_weights(tta_flip, tta_shift, tta_centre), views)
 
 
 def tta_readings(model, loader, shift: int = 1, *, amp: str | None = None, channels_last: bool = False) -> dict:
@@ -257,7 +264,22 @@ def evaluate(model: nn.Module, loader, *, loss_fn=None, amp: str | None = None, 
     """{"loss", "acc"} of `model` over `loader` (mean cross-entropy, top-1 accuracy), on the
     model's device. `tta`: predict_logits' tta_flip, tta_shift and tta_centre (default: none;
     a recipe's: `recipe.tta()`)."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
     logits, labels = predict_logits(model, loader, amp=amp, channels_last=channels_last, **(tta or {}),
                                     progress=progress and is_main())
+    return score(logits, labels, loss_fn)
+
+
+def evaluate_views(model: nn.Module, loader, tta: dict, *, loss_fn=None, amp: str | None = None,
+                   channels_last: bool = False, progress: bool = True) -> tuple[dict, dict]:
+    """Two readings of `model` over `loader` from one pass, at the cost of the second alone:
+    evaluate's without test-time augmentation (scored with `loss_fn`) and evaluate's with `tta`
+    (scored with cross-entropy). The first is view 0 of tta_views, each image as it is."""
+    views, labels = view_logits(model, loader, amp=amp, channels_last=channels_last, tta_flip=tta["tta_flip"],
+                                tta_shift=tta["tta_shift"], progress=progress and is_main())
+    return score(views[0], labels, loss_fn), score(weigh_views(views, **tta), labels)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, loss_fn=None) -> dict:
+    """{"loss", "acc"}: the mean of `loss_fn` (default cross-entropy) and the top-1 accuracy."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     return {"loss": loss_fn(logits, labels).item(), "acc": (logits.argmax(1) == labels).float().mean().item()}

@@ -1,4 +1,4 @@
-"""The command line, end to end: `python -m helpers train | test | predict` in subprocesses.
+"""The command line, end to end: `python -m helpers train | test | predict`.
 
 Every run gets SMOKE_TEST=1 and CIFAR10_DIR pointing at the real (JPEG) CIFAR-10 copy:
 $CIFAR10_DIR when set (a relative path is taken from the repo root, as CI sets it), else
@@ -6,7 +6,9 @@ $CIFAR10_DIR when set (a relative path is taken from the repo root, as CI sets i
 when that folder is absent; the --help and error tests do not need it.
 
 Each model trains one smoke epoch (1,000 real training images, 500 test images, one
-loader process), is saved with --serialize, and is then tested and asked for predictions.
+loader process) in a subprocess, is saved with --serialize, and is then tested and asked for
+predictions by `helpers.cli.main` in this process (`run_in_process`: the same code and
+environment, without a new interpreter's ~5 s of start-up and torch import each time).
 The error cases run in parallel (they are mostly interpreter start-up) and must each end
 with exactly one `error: ...` line on stderr, the documented exit status, and no traceback.
 """
@@ -136,10 +138,11 @@ def test_train_writes_checkpoints_history_and_curves(trained):
     assert_png(trained.dir / f"{m}_curves.png")
 
 
-def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
+def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path, capsys, monkeypatch):
     from helpers.data import CLASSES
 
-    proc = cli("test", "--model", trained.final, "--cm", "--out", tmp_path / "out", "--device", "cpu")
+    proc = run_in_process(["test", "--model", trained.final, "--cm", "--out", tmp_path / "out", "--device", "cpu"],
+                          capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     m = re.search(r"^test accuracy: (\d\.\d{4}) \((\d+)/500 correct\)", out, re.M)
@@ -174,7 +177,7 @@ def test_test_command_reports_overall_and_per_class_accuracy(trained, tmp_path):
         assert_png(path)
 
 
-def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, small_data, tmp_path):
+def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, small_data, tmp_path, capsys, monkeypatch):
     from helpers.analysis import predict
     from helpers.checkpoint import load_model
 
@@ -183,7 +186,8 @@ def test_test_tta_flag_overrides_the_recipes_test_time_augmentation(trained, sma
     model, ckpt = load_model(trained.final)
     sub = small_data                                       # the smoke subset the CLI tests on
     for tta, label, keywords in (("flip", "flip", (True, 0)), ("none", None, (False, 0))):
-        proc = cli("test", "--model", trained.final, "--tta", tta, "--grid", "0", "--out", tmp_path)
+        proc = run_in_process(["test", "--model", trained.final, "--tta", tta, "--grid", "0", "--out", tmp_path],
+                              capsys, monkeypatch)
         assert proc.returncode == 0, proc.stderr[-3000:]
         head = proc.stdout.splitlines()[0]
         assert (f", TTA: {label};" in head) if label else ("TTA" not in head), head
@@ -212,7 +216,7 @@ def _top_k(stdout: str, image) -> list[tuple[str, float]]:
     return [(name, float(p) / 100) for _, name, p in lines]
 
 
-def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
+def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path, capsys, monkeypatch):
     import torch
 
     from helpers.augment import test_transforms
@@ -220,7 +224,8 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
     from helpers.data import CLASSES
 
     images = _sample_images(tmp_path)
-    proc = cli("predict", "--model", trained.final, *images, "--plot", tmp_path / "probs.png")
+    proc = run_in_process(["predict", "--model", trained.final, *images, "--plot", tmp_path / "probs.png"],
+                          capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model: {trained.final} ({trained.model})" in proc.stdout
     for image in images:
@@ -247,7 +252,7 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
     tta = inference_settings(ckpt)[0]
     with torch.no_grad():
         views = torch.stack([model(v) for v in loop.tta_views(x[None], tta["tta_flip"], tta["tta_shift"])])
-        p = torch.einsum("v,vnc->nc", loop.tta_weights(tta["tta_flip"], tta["tta_shift"], tta["tta_centre"]), views).softmax(1)[0].numpy()
+        p = loop.weigh_views(views, **tta).softmax(1)[0].numpy()
     expected = [(CLASSES[i], float(p[i])) for i in np.argsort(-p)[:3]]
     got = _top_k(proc.stdout, images[0])
     assert [c for c, _ in got] == [c for c, _ in expected]
@@ -259,7 +264,7 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path):
 
         (tmp_path / "models").mkdir()
         shutil.copy(trained.final, tmp_path / "models" / "resnet9.pt")
-        proc = cli("predict", images[0], cwd=tmp_path)
+        proc = run_in_process(["predict", images[0]], capsys, monkeypatch, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         expected_model = "models/resnet9.pt"
         if SHIPPED_MODEL.is_file() and SHIPPED_MODEL.stat().st_mtime > (tmp_path / "models" / "resnet9.pt").stat().st_mtime:

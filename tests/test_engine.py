@@ -13,7 +13,7 @@ from helpers.augment import test_transforms
 from helpers import config
 from helpers.checkpoint import inference_settings, load_checkpoint, load_model, save_checkpoint
 from helpers.config import recipe
-from helpers.loaders import make_loader
+from helpers.loaders import build_loaders, make_loader
 from helpers.errors import CheckpointError, ConfigError, DivergenceError
 from helpers.models import get_model
 
@@ -154,6 +154,30 @@ def test_reading_the_test_set_only_after_the_last_epoch_trains_the_same_weights(
         recipe("compact", smoke=True, eval_every=0)
     with pytest.raises(ConfigError, match="eval_every must be a whole number >= 0, got -1"):
         recipe("fast", smoke=True, eval_every=-1)
+
+
+def test_a_run_read_on_the_test_set_passes_over_it_once_at_its_end(tiny_data, monkeypatch):
+    """With the test set as its eval set (val_split 0, no early stopping), the last epoch's pass
+    gives both the epoch's plain reading (view 0) and the run's final test with the recipe's TTA:
+    one pass, equal to separate evaluations of the final weights. A validation split costs two."""
+    passes, runs = [], {}
+    view_logits = loop.view_logits
+    monkeypatch.setattr(loop, "view_logits", lambda *a, **k: passes.append(k) or view_logits(*a, **k))
+    for val_split, expected_passes in ((0.0, 1), (0.1, 2)):
+        passes.clear()
+        r = dataclasses.replace(recipe("compact", smoke=True, epochs=2), early_stopping_patience=None, eval_every=0,
+                                val_split=val_split, tta_flip=True, tta_shift=1)
+        runs[val_split] = run = engine.train(r, tiny_data, QUIET)
+        assert len(passes) == expected_passes and passes[-1]["tta_flip"] and passes[-1]["tta_shift"] == 1
+        assert run["history"]["test"] == run["test"]
+    monkeypatch.undo()
+    test_loader = build_loaders(r, tiny_data)[2]
+    for val_split, run in runs.items():
+        plain, with_tta = (loop.evaluate(run["model"], test_loader, tta=tta, progress=False) for tta in (None, r.tta()))
+        assert run["test"]["acc"] == with_tta["acc"] and run["test"]["loss"] == pytest.approx(with_tta["loss"], abs=1e-6)
+        if val_split == 0:                     # its last reading was on the test set: view 0 of that pass
+            h = run["history"]
+            assert h["eval_acc"][-1] == plain["acc"] and h["eval_loss"][-1] == pytest.approx(plain["loss"], abs=1e-6)
 
 
 def test_checkpoint_round_trip_restores_identical_outputs(small_data, tmp_path):

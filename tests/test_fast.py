@@ -244,6 +244,10 @@ def test_tta_views_and_averaged_logits():
     assert torch.allclose(torch.einsum("v,vnc->nc", loop.tta_weights(True, 1), views_logits), logits, atol=1e-5)
     centred, _ = loop.predict_logits(model, loader, tta_flip=True, tta_shift=1, tta_centre=1 / 2)
     assert torch.allclose(torch.einsum("v,vnc->nc", weights, views_logits), centred, atol=1e-5)
+    tta = {"tta_flip": True, "tta_shift": 1, "tta_centre": 1 / 2}      # both readings from one pass: view 0 is plain
+    plain, with_tta = loop.evaluate_views(model, loader, tta, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.2))
+    assert plain == loop.evaluate(model, loader, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.2))
+    assert with_tta == loop.evaluate(model, loader, tta=tta)
 
 
 def test_a_checkpoint_tests_with_its_recipes_tta_weights():
