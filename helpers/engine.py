@@ -31,7 +31,7 @@ from .distributed import from_rank0, is_distributed, is_main
 from .errors import CheckpointError, ConfigError, DivergenceError, require_whole
 from .hardware import FP16_ON_CPU, RunOptions, get_device, seed_everything
 from .loaders import build_loaders, input_stats
-from .loop import DivergenceGuard, evaluate, evaluate_views, grad_scaler, train_one_epoch
+from .loop import DivergenceGuard, evaluate, evaluate_views, grad_scaler, train_one_epoch, tta_weights
 from .models import FastNet, dirac_init, get_model, init_whitening, set_batchnorm
 from .optim import Lookahead, linear_decay, one_cycle, optimizer_for
 
@@ -64,7 +64,8 @@ class FitOptions:
     eval_every: int = 1              # read eval_loader after every this-many epochs and the last (0: the last only)
     test_tta: dict | None = None     # eval_loader is the test set and the last epoch's weights are final: that
     #                                  epoch's pass also gives the run's test reading, under these test-time
-    #                                  augmentations (recipe.tta()), into history["test"] (evaluate_views)
+    #                                  augmentations (recipe.tta()), into history["test"] (evaluate_views); a
+    #                                  run resumed after its last epoch keeps that reading as it was taken
     log: Callable[[str], object] = print  # where the per-epoch lines go
 
 
@@ -121,7 +122,11 @@ def _end_of_epoch(state: TrainingState, net, eval_loader, tr: dict, epoch: int, 
     te = None                                    # an epoch not read: None in the history's eval entries
     reading = dict(loss_fn=loss_fn, amp=options.amp, channels_last=options.channels_last, progress=options.progress)
     if epoch + 1 == epochs and extras.test_tta is not None:
+        t1 = time.perf_counter()
         te, state.history["test"] = evaluate_views(net, eval_loader, extras.test_tta, **reading)
+        # the epoch's seconds keep what its own plain reading costs: one view's share of the pass
+        t0 += (time.perf_counter() - t1) * (1 - 1 / len(tta_weights(extras.test_tta["tta_flip"],
+                                                                   extras.test_tta["tta_shift"])))
     elif epoch + 1 == epochs or (extras.eval_every and (epoch + 1) % extras.eval_every == 0):
         te = evaluate(net, eval_loader, **reading)
     if te is not None and not math.isfinite(te["loss"]):
@@ -341,7 +346,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
                         loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                         micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log,
                         test_tta=recipe.tta() if val_loader is test_loader and not recipe.early_stopping_patience
-                        else None)
+                        and not options.compile else None)     # compiled: the final test stays uncompiled
     # the readings during training (recipe.eval_every) are a progress signal, without test-time
     # augmentation; the final test applies the recipe's: read off the last epoch's pass when that
     # pass was over the test set (test_tta), else (or for a run resumed from a history without it) below
