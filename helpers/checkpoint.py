@@ -122,6 +122,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
                               "save models with helpers.checkpoint.save_checkpoint")
+    if ckpt.get("format", FORMAT) > FORMAT:
+        raise CheckpointError(f"{path} was written in checkpoint format {ckpt['format']}, newer than this code's "
+                              f"{FORMAT}: update the course code (git pull)")
     if isinstance(ckpt.get("history"), dict):
         ckpt["history"] = upgrade_history(ckpt["history"])
     return ckpt
@@ -177,18 +180,21 @@ def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
 
 
 # What an exported (shipped) model keeps of a training checkpoint, besides its weights.
-EXPORT_KEYS = ("model_options", "mean", "std", "classes", "config", "metrics", "history", "data_source", "smoke")
+EXPORT_KEYS = ("model_options", "mean", "std", "classes", "config", "recipe", "metrics", "history", "data_source",
+               "smoke")
 
 
 def inference_settings(ckpt: dict) -> tuple[dict, tuple | None]:
     """What a checkpoint says about testing its model: the test-time augmentation its recipe
     tests with (helpers.analysis.predict's `tta`: a recipe's `tta()`; a checkpoint older than
     tta_centre weighed its views alike), and the (mean, std) its inputs are normalised with, or
-    None when it records none."""
+    None when it records none (a training checkpoint of a recipe that normalises, e.g. *_last.pt)."""
     from .config import TTA_ALIKE
 
     stats = (ckpt["mean"], ckpt["std"]) if ckpt.get("mean") is not None and ckpt.get("std") is not None else None
     recorded = ckpt.get("config") or {}
+    if stats is None and recorded.get("normalize") is False:    # pixels in [0, 1], as it trained
+        stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     return {"tta_flip": bool(recorded.get("tta_flip")), "tta_shift": int(recorded.get("tta_shift") or 0),
             "tta_centre": float(recorded.get("tta_centre", TTA_ALIKE))}, stats
 
@@ -228,6 +234,18 @@ def setting_changes(saved: dict, now: dict, ignore=()) -> list[str]:
     return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ignore and saved.get(k) != v]
 
 
+def load_training_state(path, arch: str) -> dict:
+    """The checkpoint at `path`, if it holds a training state (not final weights only) of an `arch` model."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        raise CheckpointError(f"cannot resume {path}: it holds a {ckpt['arch']} model, not {arch}; "
+                              f"add --arch {ckpt['arch']} (and the run's other settings)")
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        raise CheckpointError(f"{path} holds final weights only, not a training state: resume from "
+                              f"{Path(path).parent / (arch + '_last.pt')} or start a new run")
+    return ckpt
+
+
 def check_resume(path, recipe) -> dict:
     """The training state at `path`, if a run of `recipe` may continue from it. Refused with a
     one-line error: another architecture or weights only (CheckpointError), or other settings
@@ -235,13 +253,7 @@ def check_resume(path, recipe) -> dict:
     from .config import Recipe, current_augment
     from .errors import ConfigError
 
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != recipe.model:
-        raise CheckpointError(f"cannot resume {path}: it holds a {ckpt['arch']} model, not {recipe.model}; "
-                              f"add --arch {ckpt['arch']} (and the run's other settings)")
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        raise CheckpointError(f"{path} holds final weights only, not a training state: resume from "
-                              f"{Path(path).parent / (recipe.model + '_last.pt')} or start a new run")
+    ckpt = load_training_state(path, recipe.model)
     # a field the checkpoint predates had its default value then
     saved, now = {**Recipe().to_dict(), **(ckpt.get("config") or {})}, recipe.to_dict()
     saved["augment"] = current_augment(saved["augment"])                  # a checkpoint may use a former name

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         if not args.verbose:
             warnings.simplefilter("ignore")      # the VGG exercise: warnings only with --verbose
         try:
-            if getattr(args, "smoke", None) is None:
+            if hasattr(args, "smoke") and args.smoke is None:      # predict has no smoke mode
                 args.smoke = config.smoke_mode()             # the flag, else SMOKE_TEST (an entry point)
             return {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}[args.command](args) or 0
         except CourseError as e:
@@ -243,7 +243,7 @@ def _start(args, name, r, data, info, resumed, last) -> tuple[dict, list[str]]:
     """The record <model>_history.json keeps of a run (results to come), and what the run says as it starts."""
     from .loaders import input_stats
 
-    n, n_val = info.world_size, int(round(r.val_split * len(data.train_labels) / 10)) * 10 if r.val_split else 0
+    n, n_val = info.world_size, data.validation_size(r.val_split)
     mean, std = input_stats(r, data)                  # what the saved model's inputs are normalised with
     d = {"source": data.source, "train_images": len(data.train_labels) - n_val, "validation_images": n_val,
          "test_images": len(data.test_labels), "mean": list(map(float, mean)), "std": list(map(float, std))}
@@ -320,7 +320,7 @@ def _finish(args, r, rec, result, classes, device) -> None:
     if args.serialize:
         checkpoint.save_checkpoint(rec["model_file"], result["model"], r.model, config=rec["config"],
                                    recipe=rec["recipe"], history=history, mean=d["mean"], std=d["std"],
-                                   metrics={"test_acc": test["acc"], "test_loss": test["loss"]}, data=d["source"],
+                                   metrics={"test_acc": test["acc"], "test_loss": test["loss"]}, data_source=d["source"],
                                    classes=list(classes), epochs_trained=len(history["train_loss"]), device=str(device))
         _say(f"saved model: {rec['model_file']}")
     if args.dry_run and not args.serialize:

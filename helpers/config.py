@@ -149,20 +149,27 @@ class Recipe:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}: try {DROPOUT}")
         if self.dropout and self.model != "resnet9":
-            raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its reference system's own")
+            raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its reference system's own: "
+                              "drop --dropout")
         if not self.logit_scale > 0 or (self.logit_scale != 1.0 and self.model != "resnet9"):
             raise ConfigError(f"logit_scale must be > 0 and is an option of resnet9 only, got "
-                              f"{self.logit_scale!r} for {self.model}")
+                              f"{self.logit_scale!r} for {self.model}: leave it at 1 (Page's ResNet-9: 0.125)")
         if not isinstance(self.normalize, bool):
-            raise ConfigError(f"normalize must be True or False, got {self.normalize!r}")
+            raise ConfigError(f"normalize must be True or False, got {self.normalize!r}: True normalises with "
+                              "the training set's mean/std")
         if not self.whiten and self.model != "fast":
-            raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}")
+            raise ConfigError(f"whiten=False is an option of the fast net only, not {self.model}: leave whiten on")
         if isinstance(self.tta_shift, bool) or not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
         if not 0 < self.tta_centre <= 1:
             raise ConfigError(f"tta_centre must be in (0, 1], got {self.tta_centre!r}: try 1/3 (all views alike)")
         if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}")
+            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}: try 0.1 (0: no validation split)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}: try 0 (off) or "
+                              "0.2 (Page's)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}: try 0.9")
         if self.schedule == "onecycle":
             check_peak(self.peak_epoch, self.epochs)
         self._validate_fast_ingredients()
@@ -180,7 +187,8 @@ class Recipe:
         off = {f.name: f.default for f in dataclasses.fields(Recipe)}          # the defaults: all off
         changed = [name for name in FAST_ONLY if getattr(self, name) != off[name]]
         if changed and self.model != "fast":
-            raise ConfigError(f"{', '.join(changed)}: options of the fast net only, not {self.model}")
+            raise ConfigError(f"{', '.join(changed)}: options of the fast net only, not {self.model}: leave them "
+                              "at their defaults")
         if self.muon_lr is not None:
             require_positive("muon_lr", self.muon_lr, " (airbench94_muon: 0.24)")
             if self.optimizer != "sgd":
@@ -188,8 +196,8 @@ class Recipe:
                                   f"{self.optimizer}: set optimizer to sgd")
 
     def replace(self, **changes) -> "Recipe":
-        """A copy with some fields changed (None values are ignored)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with some fields changed (None is a value: it switches an option off)."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -92,9 +92,13 @@ class CIFAR10Data:
         """The small real-data subset that smoke mode (SMOKE_TEST=1) trains on."""
         return self.subset(config.SMOKE_TRAIN_PER_CLASS, config.SMOKE_TEST_PER_CLASS, seed)
 
+    def validation_size(self, fraction: float) -> int:
+        """How many images split_validation(fraction) holds out: the same number from every class."""
+        return int(round(fraction * len(self.train_labels) / len(self.classes))) * len(self.classes)
+
     def split_validation(self, fraction: float, seed: int = 0):
         """Split off a stratified validation set: (train_images, train_labels, val_images, val_labels)."""
-        n_per_class = int(round(fraction * len(self.train_labels) / len(self.classes)))
+        n_per_class = self.validation_size(fraction) // len(self.classes)
         if not 0 < n_per_class < len(self.train_labels) // len(self.classes):
             raise ConfigError(f"validation fraction {fraction} leaves no train or no validation images")
         val = stratified_indices(self.train_labels, n_per_class, seed)

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (check_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setting_changes,
+from .checkpoint import (check_resume, load_training_state, rng_state, save_checkpoint, set_rng_state, setting_changes,
                          unwrap)
 from .config import Recipe
 from .data import CIFAR10Data
 from .distributed import from_rank0, is_distributed, is_main
-from .errors import CheckpointError, ConfigError, DivergenceError, require_whole
+from .errors import ConfigError, DivergenceError, require_whole
 from .hardware import FP16_ON_CPU, RunOptions, get_device, seed_everything
 from .loaders import build_loaders, input_stats
 from .loop import DivergenceGuard, evaluate, evaluate_views, grad_scaler, train_one_epoch, tta_weights
@@ -58,7 +58,7 @@ class FitOptions:
     resume: str | os.PathLike | None = None              # continue exactly from such a file
     arch: str | None = None          # the model's name in checkpoints (None: found from the model)
     config: dict | None = None       # the recipe, saved in every checkpoint
-    eval_name: str = "test"          # what eval_loader holds, for the log ("val": a validation split)
+    eval_name: str = "test"          # what eval_loader holds, for the log ("validation": a validation split)
     loss_fn: nn.Module | None = None     # the training and evaluation loss (None: cross-entropy)
     micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
     eval_every: int = 1              # read eval_loader after every this-many epochs and the last (0: the last only)
@@ -225,11 +225,7 @@ class TrainingState:
 
     def resume(self, path, epochs: int, log=print) -> int:
         """Load the state saved at `path` (and the RNGs); the epoch to continue with."""
-        ckpt = load_checkpoint(path)
-        if ckpt["arch"] != self.arch:
-            raise CheckpointError(f"cannot resume a {self.arch} from {path}: it holds a {ckpt['arch']}")
-        if "optimizer" not in ckpt or "epoch" not in ckpt:
-            raise CheckpointError(f"{path} holds weights only, not a training state: start a new run")
+        ckpt = load_training_state(path, self.arch)
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for part, key in ((self.scheduler, "scheduler"), (self.scaler, "scaler"), (self.stopper, "early_stopping")):
@@ -237,13 +233,15 @@ class TrainingState:
                 part.load_state_dict(ckpt[key])
         self.history, start = ckpt["history"], ckpt["epoch"] + 1
         set_rng_state(ckpt["rng"])
+        stopped = self.stopper is not None and self.stopper.bad_epochs >= self.stopper.patience
         if is_main():
-            log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})")
+            log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})"
+                + (": the run had stopped early there" if stopped else ""))
             saved = ckpt.get("options")
             if saved is not None and (changes := setting_changes(saved, self.options)):
                 log(f"note: resumed with other settings than the run had ({'; '.join(changes)}): it will not end "
                     "exactly as an uninterrupted run would")
-        return start
+        return epochs if stopped else start
 
     def restore_best(self) -> None:
         """Early stopping's end: the best epoch's weights (rank 0's, on every rank)."""
@@ -340,9 +338,10 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
         scheduler = linear_decay(optimizer, recipe.epochs * len(train_loader))
     if recipe.lookahead:                         # wraps the optimizer: after its last step the weights are the average
         optimizer = Lookahead(optimizer, model, total_steps=recipe.epochs * len(train_loader))
+    eval_set = "validation" if recipe.val_split > 0 else "test"
     extras = FitOptions(early_stopping=recipe.early_stopping_patience, checkpoint_path=checkpoint_path,
                         resume=resume, arch=recipe.model, config=recipe.to_dict(),
-                        eval_name="val" if recipe.val_split > 0 else "test",
+                        eval_name=eval_set,
                         loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
                         micro_batch=recipe.micro_batch, eval_every=recipe.eval_every, log=log,
                         test_tta=recipe.tta() if val_loader is test_loader and not recipe.early_stopping_patience
@@ -352,7 +351,7 @@ def train(recipe: Recipe, data: CIFAR10Data, options: RunOptions | None = None, 
     # pass was over the test set (test_tta), else (or for a run resumed from a history without it) below
     history = fit(model, train_loader, val_loader, optimizer=optimizer, epochs=recipe.epochs, scheduler=scheduler,
                   options=options, extras=extras)
-    history["eval_set"] = "validation" if recipe.val_split > 0 else "test"
+    history["eval_set"] = eval_set
     test = history.get("test")
     if test is None and is_main():
         test = history["test"] = evaluate(model, test_loader, amp=options.amp, channels_last=options.channels_last,

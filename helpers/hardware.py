@@ -7,7 +7,6 @@ layout, where augmentation runs, loader processes, and the seeding of every rand
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,9 @@ def get_device(preferred: str | None = None) -> torch.device:
         raise ConfigError(f"unknown device {preferred!r}: use cpu, cuda, cuda:N or mps") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' asked for but no CUDA GPU is visible: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {preferred!r} asked for but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                          f"visible: use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' asked for but not available: use --device cpu")
     return device
@@ -178,15 +180,11 @@ def choose_options(device, given: dict, *, augment: str, resumed: dict | None = 
     return RunOptions(str(device), amp, layout, fast, compile, given.get("workers", loader_workers(fast)), reasons=why)
 
 
-def seed_everything(seed: int = 0, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch. deterministic=True also asks for deterministic kernels
-    (what exact resume and bit-identical reruns on CPU rely on; slower on GPU)."""
+def seed_everything(seed: int = 0) -> None:
+    """Seed python, numpy and torch: a run's weights, shuffles and augmentations then repeat
+    (bit for bit on a CPU; a GPU's fastest kernels may still differ in the last bits)."""
     import random
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False

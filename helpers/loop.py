@@ -79,8 +79,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, *, scheduler=None, loss
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         loss, right = backward(model, x, y, loss_fn, scaler, options.amp, micro_batch)   # the gradients ...
+        scale = scaler.get_scale() if scaler.is_enabled() and hasattr(optimizer, "skipped") else None
         scaler.step(optimizer)                   # ... one step down them (skipped if fp16 overflowed)
         scaler.update()
+        if scale is not None and scaler.get_scale() < scale:       # skipped: a Lookahead still counts it
+            optimizer.skipped()
         if scheduler is not None:
             scheduler.step()
         lrs.append(lr)

@@ -177,6 +177,11 @@ class Lookahead:
 
     def step(self) -> None:
         self.optimizer.step()
+        self.skipped()
+
+    def skipped(self) -> None:
+        """Count a step (train_one_epoch calls this alone for one that fp16's grad scaler skipped),
+        so that the average's schedule follows the batches and the last one still ends on it."""
         self.steps += 1
         if self.steps % self.every == 0:
             self.pull(self.decay ** self.every * (self.steps / self.total) ** 3)

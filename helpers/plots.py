@@ -153,8 +153,9 @@ def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = No
                   reference: float | None = None, title: str | None = None):
     """helpers.lr_finder.range_test's result against the LR (log scale): each batch's loss (faint),
     the smoothed loss, ln 10 (the loss of a uniform guess) and the LR each rule of
-    `lr_finder.rules` reads off; optionally the chosen LR_MAX and LR_MIN and a `reference` LR
-    (e.g. S10's LR_MAX) as vertical lines. Returns the Figure."""
+    `lr_finder.rules` reads off (the grey bands: the first and last steps, which they skip);
+    optionally the chosen LR_MAX and LR_MIN and S10's LR_MAX (`reference`) as vertical lines.
+    Returns the Figure."""
     from .lr_finder import rules
 
     lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
@@ -165,7 +166,7 @@ def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = No
     ax.axhline(np.log(10), color="grey", linestyle=":", label="ln 10 = 2.30: a uniform guess")
     lo, hi = result.skip_start, len(lrs) - result.skip_end
     if lo > 0:
-        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="ends the rules ignore")
+        ax.axvspan(lrs[0], lrs[lo], color="grey", alpha=0.12, label="first and last steps: the rules skip them")
     if hi < len(lrs):
         ax.axvspan(lrs[hi - 1], lrs[-1], color="grey", alpha=0.12)
     for (name, lr), marker in zip(rules(result).items(), "ovs"):
@@ -173,10 +174,10 @@ def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = No
         ax.plot(lrs[i], losses[i], marker, markersize=8, label=f"{name}: {lr:.2e}")
     low = lo + int(np.argmin(losses[lo:hi]))
     ax.plot(lrs[low], losses[low], "x", color="black", markersize=8, label=f"lowest smoothed loss: {lrs[low]:.2e}")
-    for value, color, name in ((lr_max, "green", "LR_MAX"), (lr_min, "orange", "LR_MIN"),
-                               (reference, "black", "reference")):
-        if value is not None:
-            ax.axvline(value, color=color, linestyle="--", lw=1, label=f"{name} {value:.2e}")
+    for value, color, style, width, name in ((lr_max, "green", "-", 2.5, "LR_MAX"), (lr_min, "orange", "--", 1, "LR_MIN"),
+                                             (reference, "black", ":", 1.5, "S10's LR_MAX")):
+        if value is not None:        # S10's dotted over a wide LR_MAX: both show when they nearly coincide
+            ax.axvline(value, color=color, linestyle=style, lw=width, label=f"{name} {value:.2e}")
     ax.set_xscale("log")
     top = max(losses[: hi].max(), np.log(10)) * 1.15
     ax.set_ylim(0, top)
@@ -191,7 +192,9 @@ def lr_range_test(result, lr_max: float | None = None, lr_min: float | None = No
 
 def training_curves(history: dict, eval_name: str | None = None, target: float | None = None):
     """Loss and accuracy (%) per epoch for train and test (or validation), and the LR at every
-    step against the epoch; `target` (e.g. 0.90) draws the accuracy goal as a line."""
+    step against the epoch; `target` (e.g. 0.90) draws the accuracy goal as a line. The run's
+    final test reading (history["test"], with the recipe's test-time augmentation) gets a star
+    where it differs from the last epoch's point."""
     eval_name = eval_name or history.get("eval_set", "test")
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -201,6 +204,9 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     axes[1].plot(epochs, 100 * np.asarray(history["train_acc"]), "o-", label="train")
     axes[1].plot(epochs, 100 * np.asarray(history["eval_acc"], dtype=float), "o-", label=eval_name)
     axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
+    final = (history.get("test") or {}).get("acc")
+    if final is not None and (eval_name != "test" or final != history["eval_acc"][-1]):
+        axes[1].plot(epochs[-1], 100 * final, "*", markersize=12, color="C3", label=f"final test {100 * final:.2f} %")
     if target is not None:
         axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:g} %")
     if "best_epoch" in history and history["best_epoch"] >= 0:

@@ -39,14 +39,17 @@ def cpu_name() -> str:
 
 
 def device_name(device) -> str:
-    """'NVIDIA H100 80GB HBM3 (cuda)' or 'AMD EPYC (CPU, 2 cores)'."""
+    """'NVIDIA H100 80GB HBM3 (cuda)' or 'AMD EPYC (CPU, 2 cores, native bf16)': a CPU's model
+    name alone can stand for machines of different speeds, so its bf16 support is named too."""
     import torch
+
+    from .hardware import native_bf16
 
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cuda)"
     if device.type == "cpu":
-        return f"{cpu_name()} (CPU, {os.cpu_count()} cores)"
+        return f"{cpu_name()} (CPU, {os.cpu_count()} cores, {'native' if native_bf16(device) else 'emulated'} bf16)"
     return str(device)
 
 

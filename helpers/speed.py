@@ -107,7 +107,7 @@ def resnet9_run_minutes(epochs: int = 24, device: str | None = None) -> dict:
     the per-epoch test; the median ignores epochs slowed by other work or a pause) times `epochs`.
     From notebook 04's full run in artifacts/ when there is one, else from the committed results
     (results/reference_runs.jsonl, the CPU runs of the S10 recipe), but only one measured on
-    `device` (a runinfo.device_name, e.g. "AMD EPYC (CPU, 2 cores)") when it is given: a time
+    `device` (a runinfo.device_name, e.g. "AMD EPYC (CPU, 2 cores, native bf16)") when it is given: a time
     ratio means something only between runs on one device. Returns {"minutes", "source"};
     minutes is None when no such run exists."""
     import json
@@ -120,9 +120,11 @@ def resnet9_run_minutes(epochs: int = 24, device: str | None = None) -> dict:
     if full.is_file():
         ckpt = load_checkpoint(full)
         seconds = ckpt.get("history", {}).get("seconds") or []
-        if seconds and not ckpt.get("smoke"):
+        ran_on = ckpt.get("device")                               # None: saved before checkpoints named it
+        if seconds and not ckpt.get("smoke") and (device is None or ran_on in (None, device)):
             return {"minutes": statistics.median(seconds) * epochs / 60,
-                    "source": f"notebook 04's run in artifacts/: median of {len(seconds)} epochs on this machine"}
+                    "source": f"notebook 04's run in artifacts/: median of {len(seconds)} epochs on "
+                              f"{ran_on or 'this machine'}"}
     runs = config.REPO_ROOT / "results" / "reference_runs.jsonl"
     rows = [json.loads(line) for line in (runs.read_text().splitlines() if runs.is_file() else [])]
     rows = [r for r in rows if r["settings"]["recipe"] == "resnet9" and r["device_type"] == "cpu"
@@ -131,8 +133,7 @@ def resnet9_run_minutes(epochs: int = 24, device: str | None = None) -> dict:
     if same:
         r = same[-1]
         return {"minutes": r.get("epoch_seconds_median", r["epoch_seconds_mean"]) * epochs / 60,
-                "source": f"results/reference_runs.jsonl: {r['config']}, {r['device']}, "
-                          f"commit {str(r['git']['commit'])[:8]}"}
+                "source": f"the recorded run on {r['device']} (results/reference_runs.jsonl)"}
     if rows:
         return {"minutes": None, "source": f"the committed S10 runs were measured on {rows[-1]['device']}, "
                                            f"not on {device}: run notebook 04 here to compare times"}

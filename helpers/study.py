@@ -54,7 +54,7 @@ FAST_VARIANTS = {name: ("fast", {**config.FIRST_FAST, **changes}) for name, chan
     "no label smoothing": {"label_smoothing": 0.0},
     "no weight decay": {"weight_decay": 0.0},
     "no augmentation": {"augment": "none"},
-    "seed 001's augmentation (half pad-crop 4, flip, cutout)": {"augment": "crop-flip-cutout"},
+    "S10's augmentation (half pad-crop 4, flip, cutout)": {"augment": "crop-flip-cutout"},
 }.items()}
 # (test-time augmentation changes no training: notebook 06 evaluates one run with and without it)
 
@@ -165,7 +165,7 @@ def study_recipes(smoke: bool = False, study: str = "overfitting") -> dict[str, 
         batch = s.batch_size or changes.get("batch_size") or config.RECIPES[base].batch_size   # the study's first
         if smoke:
             batch = min(batch, config.SMOKE_BATCH_SIZE)
-        variant = dataclasses.replace(config.recipe(base, smoke=False), **changes)  # None is a value here
+        variant = config.RECIPES[base].replace(**changes)          # validated below, once whole
         recipes[name] = variant.replace(epochs=epochs, peak_epoch=min(s.peak_epoch, epochs), batch_size=batch,
                                         test_batch_size=256, eval_every=1).validate()   # a curve per row; the
                                         # eval batch and the readings change only the time, not the training
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="run every variant once per seed")
     args = p.parse_args(argv)
     study = STUDIES[args.study]
-    args.out = args.out or str(study.results.relative_to(config.REPO_ROOT))
+    out = Path(args.out) if args.out else study.results          # results/ of the checkout, from any folder
     for name in args.only or []:
         if name not in study.variants:
             p.error(f"unknown variant {name!r} of the {args.study} study: choose from {', '.join(study.variants)}")
@@ -287,9 +287,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     result.update(run_info(options.device), options=options.describe(), wall_seconds=time.time() - t0,
-                  command=f"python -m helpers.study --study {args.study} --out {args.out}")
-    if args.only and Path(args.out).is_file():     # keep the other rows (and their provenance)
-        old = load_study(args.out)
+                  command=f"python -m helpers.study --study {args.study}" + (f" --out {args.out}" if args.out else ""))
+    if args.only and out.is_file():                # keep the other rows (and their provenance)
+        old = load_study(out)
         key = lambda r: (r["variant"], r.get("seed", 0))          # noqa: E731
         new = {key(r): {**r, "rerun": {k: result[k] for k in ("git", "date", "versions")}} for r in result["rows"]}
         rows = [new.pop(key(r), r) for r in old["rows"]] + list(new.values())
@@ -297,12 +297,12 @@ def main(argv=None) -> int:
         result = {**old, "rows": sorted(rows, key=lambda r: (order.index(r["variant"]), r.get("seed", 0))),
                   "reruns": old.get("reruns", []) + [{"variants": args.only, "seeds": args.seeds,
                                                       **run_info(options.device)}]}
-    save_json(args.out, result)
-    report = Path(args.out).with_suffix(".md")
+    save_json(out, result)
+    report = out.with_suffix(".md")
     with atomic_write(report, "w") as f:
         f.write(markdown(result))
     print(format_rows(result["rows"], result["settings"].get("held_out", "test")))
-    print(f"saved {args.out} and {report}")
+    print(f"saved {out} and {report}")
     return 0
 
 

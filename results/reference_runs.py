@@ -11,7 +11,6 @@ regenerated from that file: accuracy, wall time, images/s, peak GPU memory, sett
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -65,7 +64,7 @@ def run_seed(args, seed: int, device: torch.device) -> dict:
     t0 = time.perf_counter()
     data = load_cifar10(args.data_dir, download=False)                 # from the decode cache
     data = data.smoke_subset() if args.smoke else data
-    r = recipe(name, smoke=args.smoke, seed=seed, epochs=args.epochs)
+    r = recipe(name, smoke=args.smoke, seed=seed, **({"epochs": args.epochs} if args.epochs else {}))
     run = engine.train(r, data, hardware.RunOptions(str(device), compile=args.compile, workers=args.workers,
                                                   progress=args.progress, **options))
     wall, h = time.perf_counter() - t0, run["history"]   # evaluate's .item() has synchronised the device
@@ -139,8 +138,8 @@ def gpu_rows(path: Path) -> list[dict]:
     for part in rec["parts"].values():
         if "recipe" not in part or "acc" not in part or part.get("epochs") is None:
             continue                                   # the profiles, the anchor, skipped parts
-        r = Recipe(**part["config"]) if "config" in part else dataclasses.replace(    # keeps FIRST_FAST's Nones
-            recipe(part["recipe"], smoke=rec["smoke"]), **FORMER.get(part["recipe"], {})).replace(**part["changes"])
+        r = Recipe(**part["config"]) if "config" in part else recipe(
+            part["recipe"], smoke=rec["smoke"]).replace(**FORMER.get(part["recipe"], {})).replace(**part["changes"])
         overrides = {k: v for k, v in part["changes"].items() if k != "seed"}
         options = {k: part.get(k, v) for k, v in FAST.items()}      # older records: what auto_options chose
         label = config_label(part["recipe"], options) + "".join(f", {k} {v}" for k, v in overrides.items())
@@ -198,7 +197,8 @@ def readme_text(path: Path) -> str:
     table = ["| config | device | seeds | test accuracy % mean ± std (min–max) | wall s per run | train images/s "
              "| peak GPU MiB | epochs | torch | commit | data |", "|" + " --- |" * 11]
     lines = ["# Results", "", "- `cpu_benchmark.md`/`.json`: CPU throughput of data pipelines, train and eval steps (an "
-             "earlier `benchmarks/benchmark.py`).", "- `overfitting_study.md`/`.json`: S10's overfitting study "
+             "earlier `benchmarks/benchmark.py`); `cpu_benchmark_avx2.jsonl`: today's `benchmark.py` on a CPU without AVX-512 "
+             "(fp32, both layouts; its section in `cpu_benchmark.md`).", "- `overfitting_study.md`/`.json`: S10's overfitting study "
              "(`python -m helpers.study`).", "- `fast_attempts.md`: the fast recipe's attempts, at a 93.5 % target "
              "first and then against airbench94 on the same data (91.0 %), and what each showed.", "- `fast_ablation.md`/`.json`: the first fast recipe's ablation (before airbench94's "
              "ingredients: `config.FIRST_FAST`), one ingredient left out per short run (`python -m helpers.study --study fast`).",
@@ -206,8 +206,8 @@ def readme_text(path: Path) -> str:
              "runs scored on a validation split (`python -m helpers.study --study fast-ingredients`).",
              "- `fast_vs_anchor.md`/`.jsonl`: the fast recipe beside airbench94 (the anchor), seed by seed, in one session "
              "on one machine (`python results/fast_vs_anchor.py`).", "- `resnet9_notebook04.md`: S10's recipe run by notebook 04 at full "
-             "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_seed004.md` (+ `_curves.png`): the Keras CNN's "
-             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_seed003.md` (+ `_curves.png`): the VGG exercise's "
+             "settings on a CPU (the shipped model), epoch by epoch.", "- `compact_keras_cnn.md` (+ `_curves.png`): the Keras CNN's "
+             "recipe run by the command line at full settings on a CPU (the shipped compact model).", "- `vgg_exercise.md` (+ `_curves.png`): the VGG exercise's "
              "recipe: the first reading (batch 64) and the measured reading (batch 16, 78.88 %, shipped at rank 384), "
              "each run by the command line on a CPU.",
              "- `vgg_settings_study.md`/`.json`: the VGG exercise's unstated settings (training batch, optimizer, input "

@@ -84,6 +84,18 @@ def test_training_curves_draw_the_target_with_its_decimals():
         plots.close(fig)
 
 
+def test_training_curves_star_the_final_test_reading_where_it_differs():
+    """With TTA the final test reading differs from the last epoch's point: a star shows it;
+    without TTA it is that point, drawn once; after a validation split it is always new."""
+    history = {"train_loss": [1.5, 0.9], "train_acc": [0.4, 0.7], "eval_loss": [1.2, 0.8],
+               "eval_acc": [0.55, 0.75], "lr": [1e-4, 5e-4, 1e-3, 2e-4], "seconds": [3.0, 3.0]}
+    for test, eval_set, star in ((0.78, "test", True), (0.75, "test", False), (0.75, "validation", True)):
+        fig = plots.training_curves({**history, "test": {"acc": test, "loss": 0.7}, "eval_set": eval_set})
+        stars = [line for line in fig.axes[1].get_lines() if line.get_marker() == "*"]
+        assert len(stars) == star and (not star or list(stars[0].get_ydata()) == [100 * test])
+        plots.close(fig)
+
+
 def test_compare_runs_draws_one_colour_per_run_in_percent():
     a = {"train_loss": [1.5, 0.9], "eval_loss": [1.2, 0.8], "eval_acc": [0.55, 0.75]}
     b = {"train_loss": [1.6, 1.1], "eval_loss": [1.3, 1.0], "eval_acc": [0.50, 0.62]}

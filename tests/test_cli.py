@@ -115,6 +115,7 @@ def test_train_writes_checkpoints_history_and_curves(trained):
     assert len(final["mean"]) == 3 and len(final["std"]) == 3
     assert np.allclose(final["mean"], (0.4914, 0.4822, 0.4465), atol=0.02)  # CIFAR-10's train stats
     assert len(final["classes"]) == 10 and len(final["history"]["train_loss"]) == 1
+    assert final["recipe"] == m and final["data_source"].startswith("$CIFAR10_DIR")   # what an export keeps
     model, _ = load_model(trained.final)
     assert isinstance(model, ARCHS[m])
 
@@ -224,6 +225,7 @@ def test_predict_prints_top3_for_images_of_any_size(trained, tmp_path, capsys, m
     from helpers.data import CLASSES
 
     images = _sample_images(tmp_path)
+    monkeypatch.setenv("SMOKE_TEST", "maybe")            # predict has no smoke mode: not read
     proc = run_in_process(["predict", "--model", trained.final, *images, "--plot", tmp_path / "probs.png"],
                           capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -642,6 +644,9 @@ def test_verbose_adds_the_traceback(tmp_path):
 def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
     """results/reference_runs.py --record turns train's <model>_history.json into a results
     row and a markdown table (what results/README.md is made from)."""
+    from helpers.hardware import get_device
+    from helpers.runinfo import device_name
+
     out = tmp_path / "runs.jsonl"
     proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record",
                            str(trained.dir / f"{trained.model}_history.json"), "--out", str(out)],
@@ -652,7 +657,7 @@ def test_a_finished_cli_run_is_recorded_in_results(trained, tmp_path):
     assert row["settings"]["recipe"] == trained.model and row["settings"]["smoke"] is True
     assert row["train_images"] in (1000, 900) and row["images_per_s"] == pytest.approx(
         row["train_images"] / row["wall_seconds"])
-    assert row["device"].endswith("cores)") and row["versions"]["torch"] and "commit" in row["git"]
+    assert row["device"] == device_name(get_device()) and row["versions"]["torch"] and "commit" in row["git"]
     # the command without the machine's paths: train ran with --checkpoints <absolute tmp dir>/models
     assert str(trained.root) not in row["command"] and row["command"].endswith("--checkpoints .../models")
     table = out.with_suffix(".md").read_text()

@@ -273,6 +273,7 @@ def test_validation_split_is_stratified_and_disjoint():
                          np.repeat(np.arange(10), 20), np.zeros((10, 32, 32, 3), np.uint8), np.arange(10))
     tx, ty, vx, vy = data.split_validation(0.1)
     assert np.array_equal(np.bincount(vy), [2] * 10) and len(ty) == 180
+    assert data.validation_size(0.1) == len(vy) == 20 and data.validation_size(0) == 0
     assert not set(tx[:, 0, 0, 0]) & set(vx[:, 0, 0, 0])
 
 

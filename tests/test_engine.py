@@ -1,7 +1,6 @@
 """Training engine: the OneCycle schedule, overfitting, checkpoints, early stopping,
 the divergence guard and run-to-run determinism, on real images."""
 import contextlib
-import dataclasses
 
 import numpy as np
 import pytest
@@ -72,15 +71,33 @@ def test_bad_recipes_are_refused():
         recipe("vgg", smoke=False, batch_size=0)
     with pytest.raises(ConfigError, match="epochs must be a whole number >= 1, got True"):
         recipe("vgg", smoke=False, epochs=True)
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\), got 1.5: try 0"):
+        recipe("resnet9", label_smoothing=1.5)
+    with pytest.raises(ConfigError, match=r"momentum must be in \[0, 1\), got 1.0: try 0.9"):
+        recipe("vgg", momentum=1.0)             # SGD would take it, then diverge
     with pytest.raises(ConfigError, match="unknown optimizer"):
         optim.make_optimizer("rmsprop", get_model("compact").parameters(), 1e-3)
 
 
-def test_device_choice():
+def test_none_switches_an_option_off():
+    """A change to None is a value (off), not 'keep the recipe's': the Keras CNN without early
+    stopping, the fast net without Muon, a smoke recipe too."""
+    assert recipe("compact", smoke=True, early_stopping_patience=None).early_stopping_patience is None
+    assert recipe("compact", smoke=True).early_stopping_patience == 1
+    assert recipe("fast", muon_lr=None).muon_lr is None and recipe("fast").muon_lr == 0.24
+    assert config.RECIPES["fast"].replace(micro_batch=None).micro_batch is None
+
+
+def test_device_choice(monkeypatch):
     assert hardware.get_device("cpu").type == "cpu"
     assert hardware.get_device().type in {"cpu", "cuda", "mps"}
     with pytest.raises(ConfigError, match="unknown device"):
         hardware.get_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert hardware.get_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="only 2 CUDA GPU.* visible: use cuda:0 to cuda:1"):
+        hardware.get_device("cuda:2")
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +154,7 @@ def test_reading_the_test_set_only_after_the_last_epoch_trains_the_same_weights(
     for them, and changes nothing else: the same losses, final reading and weights as every epoch."""
     runs = []
     for every in (1, 0):
-        r = dataclasses.replace(recipe("compact", smoke=True, epochs=3), early_stopping_patience=None, eval_every=every)
+        r = recipe("compact", smoke=True, epochs=3, early_stopping_patience=None, eval_every=every)
         lines = []
         runs.append((engine.train(r, tiny_data, hardware.RunOptions(device="cpu"), log=lines.append), lines))
     (each, each_log), (last, last_log) = runs
@@ -147,7 +164,7 @@ def test_reading_the_test_set_only_after_the_last_epoch_trains_the_same_weights(
     assert h0["train_loss"] == h1["train_loss"] and each["test"] == last["test"]
     w1, w0 = each["model"].state_dict(), last["model"].state_dict()
     assert all(torch.equal(w1[k], w0[k]) for k in w1)
-    assert ["val loss" in line for line in last_log if line.startswith("epoch")] == [False, False, True]
+    assert ["validation loss" in line for line in last_log if line.startswith("epoch")] == [False, False, True]
     table = analysis.history_table(h0).splitlines()
     assert table[2].split()[3:5] == ["-", "-"] and "%" in table[4].split()[4]      # epoch 1: not read; 3: read
     plots.training_curves(h0)                                                      # draws the one reading
@@ -166,8 +183,8 @@ def test_a_run_read_on_the_test_set_passes_over_it_once_at_its_end(tiny_data, mo
     monkeypatch.setattr(loop, "view_logits", lambda *a, **k: passes.append(k) or view_logits(*a, **k))
     for val_split, expected_passes in ((0.0, 1), (0.1, 2)):
         passes.clear()
-        r = dataclasses.replace(recipe("compact", smoke=True, epochs=2), early_stopping_patience=None, eval_every=0,
-                                val_split=val_split, tta_flip=True, tta_shift=1)
+        r = recipe("compact", smoke=True, epochs=2, early_stopping_patience=None, eval_every=0, val_split=val_split,
+                   tta_flip=True, tta_shift=1)
         runs[val_split] = run = engine.train(r, tiny_data, QUIET)
         assert len(passes) == expected_passes and passes[-1]["tta_flip"] and passes[-1]["tta_shift"] == 1
     monkeypatch.undo()
@@ -308,15 +325,20 @@ def test_checkpoint_errors(tmp_path):
         load_model(truncated)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
+    newer = tmp_path / "newer.pt"
+    torch.save({**torch.load(path, weights_only=True), "format": 2}, newer)
+    with pytest.raises(CheckpointError, match="format 2, newer than this code's 1: update the course code"):
+        load_model(newer)
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot write checkpoints to"):
         save_checkpoint(blocker / "sub" / "c.pt", get_model("compact"), "compact")
 
 
-def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch):
+def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch, tmp_path):
     """fit with patience 2 and scripted test accuracies 0.3, 0.6, 0.5, 0.4: it stops after
-    epoch 4 and the model ends with the weights it had after epoch 2."""
+    epoch 4 and the model ends with the weights it had after epoch 2. Resumed from its last
+    checkpoint, the stopped run trains no further and ends the same."""
     accs = iter([0.3, 0.6, 0.5, 0.4, 0.9])
     snapshots = []
     real_evaluate = loop.evaluate
@@ -331,12 +353,21 @@ def test_early_stopping_restores_the_best_epochs_weights(small_data, monkeypatch
     model = get_model("compact")
     train, test = loaders(small_data, n_train=64)
     opt = optim.make_optimizer("nadam", model.parameters(), 2.5e-3)
+    path = tmp_path / "last.pt"
     history = engine.fit(model, train, test, optimizer=opt, epochs=10, options=QUIET,
-                         extras=engine.FitOptions(early_stopping=2))
+                         extras=engine.FitOptions(early_stopping=2, checkpoint_path=path))
     assert len(snapshots) == 4 and history["best_epoch"] == 1
     final = model.state_dict()
     assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
     assert not all(torch.equal(final[k], snapshots[3][k]) for k in final)
+
+    again, said = get_model("compact"), []
+    opt = optim.make_optimizer("nadam", again.parameters(), 2.5e-3)
+    resumed = engine.fit(again, train, test, optimizer=opt, epochs=10, options=QUIET,
+                         extras=engine.FitOptions(early_stopping=2, resume=path, log=said.append))
+    assert len(snapshots) == 4 and resumed == history               # no epoch trained or read again
+    assert all(torch.equal(again.state_dict()[k], final[k]) for k in final)
+    assert "stopped early" in said[0]
 
 
 def test_divergence_guard_stops_with_step_and_lr(small_data):
@@ -405,11 +436,13 @@ def test_exported_fp16_model_is_half_the_size_and_predicts_like_the_original(tmp
 
     torch.manual_seed(0)
     model = get_model("resnet9").eval()
-    full = save_checkpoint(tmp_path / "full.pt", model, "resnet9", mean=list(small_data.mean),
-                           std=list(small_data.std), metrics={"test_acc": 0.5}, optimizer={"big": 1})
-    small = export_fp16(full, tmp_path / "models" / "small.pt", commit="abc123", data_source="$CIFAR10_DIR")
+    full = save_checkpoint(tmp_path / "full.pt", model, "resnet9", mean=list(small_data.mean), recipe="resnet9",
+                           std=list(small_data.std), metrics={"test_acc": 0.5}, optimizer={"big": 1},
+                           data_source="$CIFAR10_DIR (image folder)")
+    small = export_fp16(full, tmp_path / "models" / "small.pt", commit="abc123")
     saved = torch.load(small, weights_only=True)
     assert saved["dtype"] == "float16" and "optimizer" not in saved
+    assert (saved["recipe"], saved["data_source"]) == ("resnet9", "$CIFAR10_DIR (image folder)")   # kept
     assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
     assert (saved["commit"], saved["metrics"], saved["mean"]) == ("abc123", {"test_acc": 0.5}, list(small_data.mean))
     assert small.stat().st_size < 0.55 * full.stat().st_size

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import REPO
-from helpers import analysis, augment as aug, config, engine, hardware, loop, speed
+from helpers import analysis, augment as aug, config, engine, hardware, loop, runinfo, speed
 from helpers.checkpoint import inference_settings, load_model, save_checkpoint
 from helpers.models import FastNet, count_parameters, get_model, init_whitening
 
@@ -97,7 +97,7 @@ def test_resnet9_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch
     (tmp_path / "results" / "reference_runs.jsonl").write_text(
         json.dumps(row) + "\n" + json.dumps(dict(row, config="fast", settings={"recipe": "fast", "smoke": False})) + "\n")
     assert speed.resnet9_run_minutes() == {"minutes": 500.0 * 24 / 60, "source":
-                                        "results/reference_runs.jsonl: resnet9-fast, a CPU, commit abc"}
+                                        "the recorded run on a CPU (results/reference_runs.jsonl)"}
     assert speed.resnet9_run_minutes(device="a CPU")["minutes"] == 500.0 * 24 / 60          # the same device
     other = speed.resnet9_run_minutes(device="Tesla T4 (cuda)")                               # no ratio across devices
     assert other["minutes"] is None and "a CPU" in other["source"]
@@ -113,6 +113,12 @@ def test_resnet9_run_minutes_prefers_notebook_04s_run_and_takes_the_median_epoch
                     history={"seconds": [400.0, 3000.0, 410.0, 405.0]})
     assert speed.resnet9_run_minutes()["minutes"] == pytest.approx(407.5 * 24 / 60)
     assert speed.resnet9_run_minutes(epochs=10)["minutes"] == pytest.approx(407.5 * 10 / 60)
+    # ... when it ran on the device asked about, if its checkpoint names one
+    save_checkpoint(tmp_path / "artifacts" / "resnet9_cifar10.pt", {}, "resnet9", smoke=False, device="a CPU",
+                    history={"seconds": [400.0, 3000.0, 410.0, 405.0]})
+    assert speed.resnet9_run_minutes(device="a CPU")["minutes"] == pytest.approx(407.5 * 24 / 60)
+    assert speed.resnet9_run_minutes(device="another CPU")["minutes"] is None
+    assert "bf16" in runinfo.device_name("cpu")            # a CPU's name says whether bf16 is native
 
 
 def whitened(model: FastNet, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +263,15 @@ def test_a_checkpoint_tests_with_its_recipes_tta_weights():
     assert inference_settings({"config": r.to_dict()})[0] == r.tta() == {"tta_flip": True, "tta_shift": 1, "tta_centre": 0.5}
     older = {k: v for k, v in r.to_dict().items() if k != "tta_centre"}
     assert inference_settings({"config": older})[0]["tta_centre"] == config.TTA_ALIKE == 1 / 3
+
+
+def test_a_checkpoint_says_how_its_inputs_were_normalised():
+    """Its mean/std when recorded; [0, 1] pixels unchanged for a recipe that does not normalise,
+    even from a training checkpoint (which records no mean/std); else None: the caller's choice."""
+    assert inference_settings({"mean": [0.5] * 3, "std": [0.2] * 3})[1] == ([0.5] * 3, [0.2] * 3)
+    raw = config.recipe("vgg", normalize=False).to_dict()
+    assert inference_settings({"config": raw})[1] == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert inference_settings({"config": config.recipe("vgg").to_dict()})[1] is None
 
 
 def test_fast_recipe_settings_and_checks():

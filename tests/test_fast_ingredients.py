@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import config, engine, hardware, loaders, optim
+from helpers import config, engine, hardware, loaders, loop, optim
 from helpers.checkpoint import load_model, save_checkpoint
 from helpers.errors import ConfigError
 from helpers.models import dirac_init, get_model, init_whitening, set_batchnorm
@@ -315,3 +315,22 @@ def _check_resumes_exactly(r, data, options, run, tmp_path):
                            log=lambda line: None)
     assert resumed["history"]["eval_acc"] == run["history"]["eval_acc"]
     assert all(torch.equal(v, run["model"].state_dict()[k]) for k, v in resumed["model"].state_dict().items())
+
+
+def test_lookahead_counts_the_steps_fp16_skips():
+    """Under fp16 the grad scaler skips a step whose gradients overflowed; the Lookahead still
+    counts it, so its last batch still ends on the average (here every step overflows)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    look = optim.Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), model, total_steps=4, every=2)
+    batches = [(torch.randn(8, 3, 2, 2), torch.arange(8) % 3) for _ in range(4)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)        # fp16 gradients overflow at once
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.train_one_epoch(model, batches, look, options=hardware.RunOptions("cpu", "fp16", progress=False),
+                             scaler=scaler)
+    assert scaler.get_scale() == 2.0 ** 116 and look.steps == 4            # four skips, all counted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # no step moved a weight

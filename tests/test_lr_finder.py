@@ -253,7 +253,10 @@ def test_plot_range_test():
     ax = fig.axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert any("ln 10" in t for t in labels) and any("valley" in t for t in labels)
-    assert any(f"{config.LR_MAX:.2e}" in t for t in labels)
+    assert f"S10's LR_MAX {config.LR_MAX:.2e}" in labels and "LR_MAX 2.50e-03" in labels
+    chosen, s10 = (next(line for line in ax.get_lines() if line.get_label().startswith(name))
+                   for name in ("LR_MAX", "S10's"))
+    assert chosen.get_linewidth() > s10.get_linewidth() and s10.get_linestyle() == ":"   # both visible where they meet
     assert ax.get_xscale() == "log"
     assert "learning rate" in ax.get_xlabel() and "loss" in ax.get_ylabel()
     assert "diverged" in ax.get_title()

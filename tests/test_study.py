@@ -1,4 +1,5 @@
 """S10's overfitting study: the variants it compares and a smoke run on real images."""
+import dataclasses
 import json
 
 import pytest
@@ -66,7 +67,7 @@ def test_fast_ablation_leaves_out_one_ingredient_per_row():
     assert changed["no label smoothing"] == {"label_smoothing"}
     assert changed["no augmentation"] == {"augment"}
     assert changed["no whitening (the 2x2 conv learned)"] == {"whiten"}
-    assert recipes["seed 001's augmentation (half pad-crop 4, flip, cutout)"].augment == "crop-flip-cutout"
+    assert recipes["S10's augmentation (half pad-crop 4, flip, cutout)"].augment == "crop-flip-cutout"
 
 
 def test_smoke_fast_ablation_runs_on_real_images(small_data):
@@ -174,3 +175,19 @@ def test_variant_means_give_each_difference_with_its_standard_error():
     assert table["a"] == ["3", "92.00%", "1.15%"]
     assert table["b"] == ["2", "89.00%", "1.00%", "-3.00%", f"{se_b:.2%}"]
     assert table["c"] == ["1", "80.00%", "-", "-12.00%", "-"]
+
+
+def test_the_command_writes_its_record_to_results_from_any_folder(tmp_path, monkeypatch):
+    """`python -m helpers.study` without --out writes the study's file (here redirected to a
+    temporary results/) whatever the working folder; --only then merges its rows into it."""
+    home = tmp_path / "results" / "fast_ablation.json"
+    monkeypatch.setitem(study.STUDIES, "fast", dataclasses.replace(study.STUDIES["fast"], results=home))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    command = ["--study", "fast", "--smoke", "--device", "cpu", "--only", "fast recipe"]
+    assert study.main(command) == 0 and home.is_file() and home.with_suffix(".md").is_file()
+    assert not (tmp_path / "elsewhere" / "results").exists()
+    assert study.main(command) == 0
+    record = study.load_study(home)
+    assert [r["variant"] for r in record["rows"]] == ["fast recipe"] and len(record["reruns"]) == 1
+    assert record["command"] == "python -m helpers.study --study fast"
