@@ -173,7 +173,7 @@ def airbench(data, seeds) -> dict:
 
 
 def vgg(data, load_s: float, smoke: bool, changes: dict, left: float) -> dict:
-    """Seed 003's VGG with `changes` for its 15 epochs, if 30 timed steps say the run fits in `left` s
+    """The VGG exercise's VGG with `changes` for its 15 epochs, if 30 timed steps say the run fits in `left` s
     (with its evaluation after every epoch, at the seed's test batch of 8, counted as a fifth more)."""
     r = config.recipe("vgg", smoke=smoke, **changes)
     step_s = timed_steps(r, data, 30)[0]

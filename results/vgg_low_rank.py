@@ -1,4 +1,4 @@
-"""Seed 003's VGG shipped small (issue 25): its two 4096x4096 layers as truncated SVDs, in fp16.
+"""The VGG exercise's VGG shipped small (issue 25): its two 4096x4096 layers as truncated SVDs, in fp16.
 
     python results/vgg_low_rank.py CHECKPOINT --ranks 128 256 384
     python results/vgg_low_rank.py CHECKPOINT --ranks 128 256 384 --ship 384 --out models/vgg_cifar10.pt
