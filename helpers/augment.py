@@ -60,16 +60,21 @@ def mean_fill(mean) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------
 # albumentations pipelines (2.x argument names: wrong names are only warned about)
 # ----------------------------------------------------------------------------------------
-def train_transforms(mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
-                     cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
-                     cutout_pad: int = CUTOUT_PAD) -> A.Compose:
-    """S10's training pipeline; returns a CHW float tensor."""
+def _check_settings(mean, std, crop_p, flip_p, cutout_p, pad, hole, cutout_pad) -> None:
+    """S10's pipeline's settings, as train_transforms and BatchAugment take them, checked."""
     _check_stats(mean, std)
     for name, p in (("crop_p", crop_p), ("flip_p", flip_p), ("cutout_p", cutout_p)):
         require_probability(name, p)
     if not 0 < hole <= 32 or pad < 0 or cutout_pad < 0:
         raise ConfigError(f"hole must be in 1..32, pad and cutout_pad >= 0, got hole={hole}, "
-                          f"pad={pad}, cutout_pad={cutout_pad}")
+                          f"pad={pad}, cutout_pad={cutout_pad}: S10's are {HOLE}, {PAD} and {CUTOUT_PAD}")
+
+
+def train_transforms(mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
+                     cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
+                     cutout_pad: int = CUTOUT_PAD) -> A.Compose:
+    """S10's training pipeline; returns a CHW float tensor."""
+    _check_settings(mean, std, crop_p, flip_p, cutout_p, pad, hole, cutout_pad)
     side = 32 + 2 * cutout_pad
     return A.Compose([
         A.Sequential([
@@ -199,8 +204,7 @@ class BatchAugment:
     def __init__(self, mean, std, *, crop_p: float = CROP_P, flip_p: float = FLIP_P,
                  cutout_p: float = CUTOUT_P, pad: int = PAD, hole: int = HOLE,
                  cutout_pad: int = CUTOUT_PAD, alternate_flips: bool = False):
-        train_transforms(mean, std, crop_p=crop_p, flip_p=flip_p, cutout_p=cutout_p, pad=pad, hole=hole,
-                         cutout_pad=cutout_pad)                                  # the same validation
+        _check_settings(mean, std, crop_p, flip_p, cutout_p, pad, hole, cutout_pad)
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_p, self.flip_p, self.cutout_p, self.pad, self.hole = crop_p, flip_p, cutout_p, pad, hole
         self.cutout_pad, self.alternate_flips = cutout_pad, alternate_flips

@@ -180,8 +180,10 @@ def test_seed004s_pipeline_shifts_and_rotates():
     ({"cutout_pad": -1}, "cutout_pad=-1"),
 ])
 def test_bad_augmentation_settings_are_refused(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        aug.train_transforms(MEAN, STD, **kwargs)
+    """Both of S10's pipelines refuse them alike: albumentations' and the on-device one."""
+    for pipeline in (aug.train_transforms, aug.BatchAugment):
+        with pytest.raises(ConfigError, match=match):
+            pipeline(MEAN, STD, **kwargs)
 
 
 def test_bad_statistics_and_names_are_refused():
