@@ -335,3 +335,19 @@ def test_fast_vs_anchor_pairs_each_seed_by_date_and_names_the_training():
     assert "| 2026-12-07 | 0 | fast (airbench94_muon's training) | after the last epoch only | 0.80 | +0.50% |" in page
     assert "fast (airbench94_muon's training): mean TTA accuracy over seeds 0: 91.20%" in page
     assert "anchor: mean TTA accuracy over seeds 0: 90.70%" in page                  # the latest run of the seed
+
+
+def test_tta_readings_equal_an_evaluation_under_each_weighting():
+    """loop.tta_readings (the studies' TTA table) reads four weightings off one pass: each equals
+    evaluate's accuracy under that test-time augmentation."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 3, 8, 8), torch.randint(0, 10, (200,))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
+    model(x[:1])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
+    readings = loop.tta_readings(model, loader, shift=1)
+    assert len(set(readings.values())) == 4                  # the four weightings tell these images apart
+    for name, tta in (("none", None), ("flip", {"tta_flip": True, "tta_shift": 0}),
+                      ("6 views alike", {"tta_flip": True, "tta_shift": 1}),
+                      ("6 views, centre 1/2", {"tta_flip": True, "tta_shift": 1, "tta_centre": 0.5})):
+        assert readings[name] == loop.evaluate(model, loader, tta=tta, progress=False)["acc"], name
