@@ -5,6 +5,7 @@
     python results/reference_runs.py --readme-only                              # redo results/README.md
     python results/reference_runs.py --dry-run                                  # smoke recipe + subset, CPU
     python results/reference_runs.py --record models/compact_history.json       # a finished CLI run
+    python results/reference_runs.py --record-notebook artifacts/resnet9_cifar10.pt  # notebook 04's full run
 
 Each seed (one helpers.engine.train run) prints one JSON line, appended to --out, and the README table is
 regenerated from that file: accuracy, wall time, images/s, peak GPU memory, settings, provenance.
@@ -123,6 +124,37 @@ def record_row(path: Path) -> dict:
             "data": rec["data"]["source"], "peak_gpu_memory_bytes": None,
             "recipe": r, "command": public_command(rec["command"]),
             **{k: rec[k] for k in ("device", "torch_threads", "versions", "git", "date")}}
+
+
+def notebook_row(path: Path) -> dict:
+    """A results row for notebook 04's full run, from the model it saved (artifacts/resnet9_cifar10.pt:
+    history, recipe, test result, data source, the device its epochs were timed on) and the training
+    checkpoint beside it (<arch>_last.pt: the speed settings it ran with). Such a run is resumed
+    across sessions, so it has no single wall time: images/s come from the median epoch."""
+    from helpers.checkpoint import load_checkpoint
+    from helpers.data import FULL_COUNTS
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("smoke") or "history" not in ckpt or "metrics" not in ckpt:
+        raise SystemExit(f"error: {path} is not a full run's saved model (smoke, or no history): "
+                         "execute notebook 04 with SMOKE_TEST=0 first")
+    last = Path(path).with_name(f"{ckpt['arch']}_last.pt")
+    options = (load_checkpoint(last).get("options") or {}) if last.is_file() else {}
+    h, r = ckpt["history"], ckpt["config"]
+    settings = {"amp": options.get("amp"), "channels_last": options.get("channels_last"),
+                "fast_augment": options.get("fast_augment"), "compile": False, "workers": options.get("workers"),
+                "smoke": False}
+    n_train, median, info = FULL_COUNTS["train"], float(np.median(h["seconds"])), run_info("cpu")
+    return {"config": config_label("resnet9", settings) + " (notebook 04)", "about": r.get("notes", ""),
+            "seed": r["seed"], "device_type": "cuda" if "(cuda)" in str(ckpt.get("device")) else "cpu",
+            "settings": {"recipe": "resnet9", **settings, "overrides": {}, "world_size": 1, "epochs_override": None},
+            "test_acc": ckpt["metrics"]["test_acc"], "test_loss": ckpt["metrics"]["test_loss"],
+            "epochs_run": len(h["train_loss"]), "best_epoch": None, "final_train_acc": h["train_acc"][-1],
+            "wall_seconds": None, "epoch_seconds_mean": float(np.mean(h["seconds"])), "epoch_seconds_median": median,
+            "train_images": n_train, "images_per_s": n_train / median, "data": ckpt.get("data_source"),
+            "peak_gpu_memory_bytes": None, "recipe": r,
+            "command": "SMOKE_TEST=0 CIFAR10_DIR=... jupyter nbconvert --to notebook --execute --inplace "
+                       "notebooks/04_training.ipynb", **info, "device": ckpt.get("device") or info["device"]}
 
 
 # Records written before results/gpu_run.py saved each run's recipe (commit e43803e and earlier)
@@ -255,10 +287,12 @@ def parse_args(argv=None):
                    "from the <model>_history.json each wrote, then regenerate the markdown")
     p.add_argument("--record-gpu", metavar="JSON", help="add the runs of a `results/gpu_run.py` record "
                    "(results/gpu_runs.json) to --out, then regenerate the markdown")
+    p.add_argument("--record-notebook", metavar="CHECKPOINT", help="add notebook 04's full run to --out from "
+                   "the model it saved (artifacts/resnet9_cifar10.pt), then regenerate the markdown")
     p.add_argument("--progress", action="store_true", help="show progress bars and per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="smoke mode (as SMOKE_TEST=1) on the CPU")
     args = p.parse_args(argv)
-    args.smoke = (args.dry_run or smoke_mode()) and not (args.record or args.record_gpu)
+    args.smoke = (args.dry_run or smoke_mode()) and not (args.record or args.record_gpu or args.record_notebook)
     args.out = Path(args.out or (Path(tempfile.gettempdir()) / "reference_runs_smoke.jsonl" if args.smoke else OUT))
     args.readme = README if args.out.resolve() == OUT else args.out.with_suffix(".md")
     args.seeds = list(dict.fromkeys(args.seeds or ([0] if args.smoke else [0, 1, 2])))   # each seed once
@@ -274,8 +308,9 @@ def write_readme(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.record or args.record_gpu:
-        for row in [record_row(path) for path in args.record or []] + (gpu_rows(args.record_gpu) if args.record_gpu else []):
+    if args.record or args.record_gpu or args.record_notebook:
+        for row in ([record_row(path) for path in args.record or []] + (gpu_rows(args.record_gpu) if args.record_gpu else [])
+                    + ([notebook_row(args.record_notebook)] if args.record_notebook else [])):
             emit(row, args.out)
         write_readme(args)
         return

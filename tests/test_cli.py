@@ -714,3 +714,34 @@ def test_a_run_resumed_across_sessions_is_tabled_without_a_wall_time(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3:6] == ["89.82", "-", "123"]
     assert "Wall seconds `-`: a run resumed across sessions" in text
+
+
+def test_notebook_04s_full_run_is_recorded_in_results(tmp_path):
+    """results/reference_runs.py --record-notebook turns notebook 04's saved model (and the speed
+    settings in the training checkpoint beside it) into a results row: no single wall time (the
+    run spans sessions), images/s from the median epoch, the device the epochs were timed on."""
+    from helpers.checkpoint import save_checkpoint
+    from helpers.config import recipe
+
+    r = recipe("resnet9")
+    history = {"train_loss": [1.0, 0.5, 0.4], "train_acc": [0.6, 0.8, 0.9], "eval_loss": [1.1, 0.7, 0.6],
+               "eval_acc": [0.6, 0.75, 0.8], "lr": [1e-3] * 3, "seconds": [500.0, 9000.0, 400.0]}
+    saved = save_checkpoint(tmp_path / "resnet9_cifar10.pt", {}, "resnet9", history=history, config=r.to_dict(),
+                            metrics={"test_acc": 0.8, "test_loss": 0.6}, data_source="$CIFAR10_DIR (image folder)",
+                            device="AMD EPYC (CPU, 2 cores, emulated bf16)", smoke=False)
+    save_checkpoint(tmp_path / "resnet9_last.pt", {}, "resnet9", optimizer={}, epoch=2, history=history,
+                    options={"amp": None, "channels_last": True, "fast_augment": True, "workers": 0})
+    out = tmp_path / "runs.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record-notebook", str(saved),
+                           "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["config"] == "resnet9 (fp32, channels_last, fast_augment) (notebook 04)" and row["wall_seconds"] is None
+    assert row["epoch_seconds_median"] == 500.0 and row["images_per_s"] == 50_000 / 500.0    # the paused epoch ignored
+    assert (row["test_acc"], row["epochs_run"], row["device"]) == (0.8, 3, "AMD EPYC (CPU, 2 cores, emulated bf16)")
+    assert row["settings"]["amp"] is None and row["recipe"]["lr"] == r.lr and "commit" in row["git"]
+    smoke = save_checkpoint(tmp_path / "smoke" / "resnet9_cifar10.pt", {}, "resnet9", history=history, smoke=True,
+                            metrics={"test_acc": 0.2, "test_loss": 2.0})
+    proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record-notebook", str(smoke),
+                           "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not a full run's saved model" in proc.stderr and len(out.read_text().splitlines()) == 1
