@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config, distributed as ddp
-from .errors import CheckpointError, ConfigError, CourseError
+from .errors import ConfigError, CourseError, OutputError
 from .data import load_data
 from .files import save_json, writable_dir
 from .runinfo import run_info
@@ -214,9 +214,10 @@ def _save(what: str, path: Path, obj, flag: str = "--out") -> None:
     try:
         _say(f"saved {what}: {save_json(path, obj) if isinstance(obj, dict) else save_figure(obj, path)}")
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror}): choose a writable folder with {flag}") from e
+        raise OutputError(f"cannot write {path} ({e.strerror or e}): choose a writable folder with {flag}") from e
     finally:
-        close(obj) if not isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            close(obj)
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ class CheckpointError(CourseError):
     """A checkpoint is missing, truncated, of another architecture, or cannot be written."""
 
 
+class OutputError(CourseError):
+    """A folder or file for the run's outputs (figures, records, the checkpoints' folder) cannot be written."""
+
+
 class DivergenceError(CourseError, FloatingPointError):
     """The loss became NaN or infinite during training."""
 

@@ -95,14 +95,14 @@ def save_json(path, obj, indent: int = 1) -> Path:
 
 def writable_dir(path, flag: str) -> Path:
     """`path`, created if needed, once a file could be written there; else a one-line
-    CheckpointError naming `flag`, the option that chooses another folder."""
-    from .errors import CheckpointError
+    OutputError naming `flag`, the option that chooses another folder."""
+    from .errors import OutputError
 
     path = Path(path).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise CheckpointError(f"cannot write to {path} ({e.strerror or e}): "
-                              f"choose a writable folder with {flag}") from e
+        raise OutputError(f"cannot write to {path} ({e.strerror or e}): "
+                          f"choose a writable folder with {flag}") from e
     return path
