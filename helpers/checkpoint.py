@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NewerCheckpointError
 from .files import atomic_write
 from .models import MODELS, get_model, low_rank_vgg, set_batchnorm
 
@@ -123,7 +123,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
                               "save models with helpers.checkpoint.save_checkpoint")
     if ckpt.get("format", FORMAT) > FORMAT:
-        raise CheckpointError(f"{path} was written in checkpoint format {ckpt['format']}, newer than this code's "
+        raise NewerCheckpointError(f"{path} was written in checkpoint format {ckpt['format']}, newer than this code's "
                               f"{FORMAT}: update the course code (git pull)")
     if isinstance(ckpt.get("history"), dict):
         ckpt["history"] = upgrade_history(ckpt["history"])
@@ -274,6 +274,8 @@ def resumable(path, recipe, log=print) -> Path | None:
         return None
     try:
         check_resume(path, recipe)
+    except NewerCheckpointError:
+        raise                                    # starting afresh would overwrite it
     except CourseError as e:
         log(f"starting afresh: {str(e).replace(str(path), path.name)}")
         return None

@@ -21,6 +21,10 @@ class CheckpointError(CourseError):
     """A checkpoint is missing, truncated, of another architecture, or cannot be written."""
 
 
+class NewerCheckpointError(CheckpointError):
+    """A checkpoint written by a newer version of the course code: update the code, never overwrite it."""
+
+
 class OutputError(CourseError):
     """A folder or file for the run's outputs (figures, records, the checkpoints' folder) cannot be written."""
 

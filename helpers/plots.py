@@ -194,7 +194,8 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     """Loss and accuracy (%) per epoch for train and test (or validation), and the LR at every
     step against the epoch; `target` (e.g. 0.90) draws the accuracy goal as a line. The run's
     final test reading (history["test"], with the recipe's test-time augmentation) gets a star
-    where it differs from the last epoch's point."""
+    at the epoch whose weights it read (the last, or the one early stopping kept) where it
+    differs from that epoch's point."""
     eval_name = eval_name or history.get("eval_set", "test")
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -204,9 +205,10 @@ def training_curves(history: dict, eval_name: str | None = None, target: float |
     axes[1].plot(epochs, 100 * np.asarray(history["train_acc"]), "o-", label="train")
     axes[1].plot(epochs, 100 * np.asarray(history["eval_acc"], dtype=float), "o-", label=eval_name)
     axes[1].set_ylabel("accuracy (%)"), axes[1].set_title("Accuracy per epoch")
-    final = (history.get("test") or {}).get("acc")
-    if final is not None and (eval_name != "test" or final != history["eval_acc"][-1]):
-        axes[1].plot(epochs[-1], 100 * final, "*", markersize=12, color="C3", label=f"final test {100 * final:.2f} %")
+    final, kept = (history.get("test") or {}).get("acc"), history.get("best_epoch", -1)
+    at = kept if kept is not None and kept >= 0 else len(epochs) - 1          # early stopping kept that epoch
+    if final is not None and (eval_name != "test" or final != history["eval_acc"][at]):
+        axes[1].plot(epochs[at], 100 * final, "*", markersize=12, color="C3", label=f"final test {100 * final:.2f} %")
     if target is not None:
         axes[1].axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:g} %")
     if "best_epoch" in history and history["best_epoch"] >= 0:

@@ -105,7 +105,8 @@ def train_rate(model: nn.Module, recipe, options: RunOptions, *, images: torch.T
 def resnet9_run_minutes(epochs: int = 24, device: str | None = None) -> dict:
     """S10's whole-run time on this course's runs: its median seconds per epoch (training plus
     the per-epoch test; the median ignores epochs slowed by other work or a pause) times `epochs`.
-    From notebook 04's full run in artifacts/ when there is one, else from the committed results
+    From notebook 04's full run in artifacts/ when there is one (on `device`, if its saved model
+    names one: older saves count as this machine's), else from the committed results
     (results/reference_runs.jsonl, the CPU runs of the S10 recipe), but only one measured on
     `device` (a runinfo.device_name, e.g. "AMD EPYC (CPU, 2 cores, native bf16)") when it is given: a time
     ratio means something only between runs on one device. Returns {"minutes", "source"};

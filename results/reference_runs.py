@@ -128,9 +128,10 @@ def record_row(path: Path) -> dict:
 
 def notebook_row(path: Path) -> dict:
     """A results row for notebook 04's full run, from the model it saved (artifacts/resnet9_cifar10.pt:
-    history, recipe, test result, data source, the device its epochs were timed on) and the training
-    checkpoint beside it (<arch>_last.pt: the speed settings it ran with). Such a run is resumed
-    across sessions, so it has no single wall time: images/s come from the median epoch."""
+    history, recipe, test result, data source and the run's provenance: device, versions, commit,
+    date) and the training checkpoint beside it (<arch>_last.pt: the speed settings it ran with).
+    Such a run is resumed across sessions, so it has no single wall time: images/s come from the
+    median epoch."""
     from helpers.checkpoint import load_checkpoint
     from helpers.data import FULL_COUNTS
 
@@ -139,7 +140,10 @@ def notebook_row(path: Path) -> dict:
         raise SystemExit(f"error: {path} is not a full run's saved model (smoke, or no history): "
                          "execute notebook 04 with SMOKE_TEST=0 first")
     last = Path(path).with_name(f"{ckpt['arch']}_last.pt")
-    options = (load_checkpoint(last).get("options") or {}) if last.is_file() else {}
+    options = load_checkpoint(last).get("options") if last.is_file() else None
+    if not options:
+        raise SystemExit(f"error: {last} (the run's training checkpoint, with its speed settings) is missing "
+                         "or predates them: record the run from the artifacts/ folder it trained in")
     h, r = ckpt["history"], ckpt["config"]
     settings = {"amp": options.get("amp"), "channels_last": options.get("channels_last"),
                 "fast_augment": options.get("fast_augment"), "compile": False, "workers": options.get("workers"),
@@ -154,7 +158,8 @@ def notebook_row(path: Path) -> dict:
             "train_images": n_train, "images_per_s": n_train / median, "data": ckpt.get("data_source"),
             "peak_gpu_memory_bytes": None, "recipe": r,
             "command": "SMOKE_TEST=0 CIFAR10_DIR=... jupyter nbconvert --to notebook --execute --inplace "
-                       "notebooks/04_training.ipynb", **info, "device": ckpt.get("device") or info["device"]}
+                       "notebooks/04_training.ipynb",
+            **{k: ckpt.get(k) or info[k] for k in info}}     # the run's provenance; older saves: today's
 
 
 # Records written before results/gpu_run.py saved each run's recipe (commit e43803e and earlier)

@@ -94,6 +94,10 @@ def test_training_curves_star_the_final_test_reading_where_it_differs():
         stars = [line for line in fig.axes[1].get_lines() if line.get_marker() == "*"]
         assert len(stars) == star and (not star or list(stars[0].get_ydata()) == [100 * test])
         plots.close(fig)
+    kept = {**history, "best_epoch": 0, "test": {"acc": 0.6, "loss": 0.9}, "eval_set": "validation"}
+    fig = plots.training_curves(kept)                 # early stopping kept epoch 1: the test read its weights
+    assert [list(line.get_xdata()) for line in fig.axes[1].get_lines() if line.get_marker() == "*"] == [[1]]
+    plots.close(fig)
 
 
 def test_compare_runs_draws_one_colour_per_run_in_percent():

@@ -728,7 +728,9 @@ def test_notebook_04s_full_run_is_recorded_in_results(tmp_path):
                "eval_acc": [0.6, 0.75, 0.8], "lr": [1e-3] * 3, "seconds": [500.0, 9000.0, 400.0]}
     saved = save_checkpoint(tmp_path / "resnet9_cifar10.pt", {}, "resnet9", history=history, config=r.to_dict(),
                             metrics={"test_acc": 0.8, "test_loss": 0.6}, data_source="$CIFAR10_DIR (image folder)",
-                            device="AMD EPYC (CPU, 2 cores, emulated bf16)", smoke=False)
+                            device="AMD EPYC (CPU, 2 cores, emulated bf16)", smoke=False, torch_threads=2,
+                            versions={"torch": "2.99.0"}, git={"commit": "abc1234", "dirty": False},
+                            date="2026-12-24T10:00:00+00:00")
     save_checkpoint(tmp_path / "resnet9_last.pt", {}, "resnet9", optimizer={}, epoch=2, history=history,
                     options={"amp": None, "channels_last": True, "fast_augment": True, "workers": 0})
     out = tmp_path / "runs.jsonl"
@@ -739,9 +741,16 @@ def test_notebook_04s_full_run_is_recorded_in_results(tmp_path):
     assert row["config"] == "resnet9 (fp32, channels_last, fast_augment) (notebook 04)" and row["wall_seconds"] is None
     assert row["epoch_seconds_median"] == 500.0 and row["images_per_s"] == 50_000 / 500.0    # the paused epoch ignored
     assert (row["test_acc"], row["epochs_run"], row["device"]) == (0.8, 3, "AMD EPYC (CPU, 2 cores, emulated bf16)")
-    assert row["settings"]["amp"] is None and row["recipe"]["lr"] == r.lr and "commit" in row["git"]
+    assert row["settings"]["amp"] is None and row["recipe"]["lr"] == r.lr
+    assert (row["git"]["commit"], row["versions"], row["date"]) == ("abc1234", {"torch": "2.99.0"}, "2026-12-24T10:00:00+00:00")
     smoke = save_checkpoint(tmp_path / "smoke" / "resnet9_cifar10.pt", {}, "resnet9", history=history, smoke=True,
                             metrics={"test_acc": 0.2, "test_loss": 2.0})
     proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record-notebook", str(smoke),
                            "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "not a full run's saved model" in proc.stderr and len(out.read_text().splitlines()) == 1
+    alone = tmp_path / "alone" / "resnet9_cifar10.pt"          # no training checkpoint beside it: no speed settings
+    alone.parent.mkdir()
+    alone.write_bytes(saved.read_bytes())
+    proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record-notebook", str(alone),
+                           "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "resnet9_last.pt (the run's training checkpoint" in proc.stderr

@@ -11,7 +11,7 @@ from conftest import REPO
 from helpers import analysis, engine, hardware, loop, optim, plots
 from helpers.augment import test_transforms
 from helpers import config
-from helpers.checkpoint import inference_settings, load_checkpoint, load_model, save_checkpoint
+from helpers.checkpoint import inference_settings, load_checkpoint, load_model, resumable, save_checkpoint
 from helpers.config import recipe
 from helpers.loaders import build_loaders, make_loader
 from helpers.errors import CheckpointError, ConfigError, DivergenceError
@@ -269,8 +269,6 @@ def test_resume_under_other_speed_settings_says_it_will_not_end_identically(smal
 def test_resumable_accepts_the_same_recipe_and_refuses_another_saying_why(small_data, tmp_path):
     """What notebooks 04 and 06 resume from: the same recipe (a test batch size may differ), else
     a fresh start with one line that names the difference."""
-    from helpers.checkpoint import resumable
-
     r = recipe("compact", smoke=True)
     tf = test_transforms(small_data.mean, small_data.std)
     train = make_loader(small_data.train_images[:16], small_data.train_labels[:16], tf, batch_size=8, shuffle=True)
@@ -329,6 +327,8 @@ def test_checkpoint_errors(tmp_path):
     torch.save({**torch.load(path, weights_only=True), "format": 2}, newer)
     with pytest.raises(CheckpointError, match="format 2, newer than this code's 1: update the course code"):
         load_model(newer)
+    with pytest.raises(CheckpointError, match="newer than this code's"):    # not 'starting afresh' over it
+        resumable(newer, recipe("compact"))
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot write checkpoints to"):
