@@ -81,8 +81,7 @@ finite_float = _number(float, math.isfinite, "a finite number")      # its range
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number", " (e.g. 2.54e-3 for Adam)")
 momentum_value = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", " (the recipes use 0.9)")
 
-# The Recipe fields that train sets: field -> (flags, argparse type, help). A flag left out
-# keeps the chosen recipe's value; --help lists every recipe's (config.RECIPES).
+# Recipe fields train sets: field -> (flags, type, help); a flag left out keeps the recipe's value
 RECIPE_FLAGS = {
     "lr": (("--learning_rate", "--lr"), positive_float, "the LR (the peak LR under OneCycle)"),
     "peak_epoch": (("--peak-epoch",), positive_int, "OneCycle: the epoch at whose end the LR peaks, 1..EPOCHS"),

@@ -146,8 +146,12 @@ class Recipe:
                               f"{self.eval_every!r}: set it to 1")
         if self.lr_min is not None:
             require_positive("lr_min", self.lr_min)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}: try {DROPOUT}")
+        for name, value, hint in (("dropout", self.dropout, f"try {DROPOUT}"),
+                                  ("val_split", self.val_split, "try 0.1 (0: no validation split)"),
+                                  ("label_smoothing", self.label_smoothing, "try 0 (off) or 0.2 (Page's)"),
+                                  ("momentum", self.momentum, "try 0.9")):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}: {hint}")
         if self.dropout and self.model != "resnet9":
             raise ConfigError(f"dropout is an option of resnet9 only; {self.model} has its reference system's own: "
                               "drop --dropout")
@@ -163,13 +167,6 @@ class Recipe:
             raise ConfigError(f"tta_shift must be a whole number of pixels in 0..4, got {self.tta_shift!r}: try 1")
         if not 0 < self.tta_centre <= 1:
             raise ConfigError(f"tta_centre must be in (0, 1], got {self.tta_centre!r}: try 1/3 (all views alike)")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split!r}: try 0.1 (0: no validation split)")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}: try 0 (off) or "
-                              "0.2 (Page's)")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}: try 0.9")
         if self.schedule == "onecycle":
             check_peak(self.peak_epoch, self.epochs)
         self._validate_fast_ingredients()
