@@ -24,7 +24,7 @@ from .files import save_json, writable_dir
 from .runinfo import run_info
 
 MODEL_NAMES = tuple(dict.fromkeys(r.model for r in config.RECIPES.values()))   # resnet9, vgg, compact, fast
-RECIPE_CHOICES = {"seed": None, "tuned": "resnet9-tuned"}   # --recipe -> key of config.RECIPES
+RECIPE_CHOICES = {"reference": None, "tuned": "resnet9-tuned"}   # --recipe -> key of config.RECIPES
 TTA_CHOICES = {"recipe": None, "none": (False, 0), "flip": (True, 0), "flip-shift": (True, 1)}  # test --tta
 SHORT_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -117,8 +117,8 @@ def _add_train(sub) -> None:
                  "--arch resnet9 --recipe tuned --amp bf16 --channels-last", "--arch vgg --e 15 --lr 0.001")
     a("--arch", choices=MODEL_NAMES, default="resnet9", help="the architecture, with its reference recipe")
     a("--model", dest="arch", choices=MODEL_NAMES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # --arch's old name
-    a("--recipe", choices=tuple(RECIPE_CHOICES), default="seed",
-      help="seed: the architecture's reference recipe; tuned: Page's ResNet-9 recipe (resnet9 only)")
+    a("--recipe", choices=tuple(RECIPE_CHOICES), default="reference", type=lambda v: "reference" if v == "seed" else v,
+      help="reference: the architecture's reference recipe; tuned: Page's ResNet-9 recipe (resnet9 only)")
     a("--train_path", help="a torchvision CIFAR-10 folder or a train/<class>, test/<class> image tree "
       "(default: $CIFAR10_DIR, else ./data/, downloading there if needed)")
     a("--test_path", "--tp", help="where the test split comes from (default: TRAIN_PATH)")

@@ -438,15 +438,15 @@ def test_help_shows_every_flag_with_its_default(command):
             assert opt in entries, f"{opt} missing from `{command} --help`"
         assert re.search(r"\((?:[^()]|\([^()]*\))*(default|required)", entries[action.option_strings[0]]), \
             f"{action.option_strings[0]} states no default: {entries[action.option_strings[0]]!r}"
-    # seed 003's flags and aliases
-    seed003 = {"train": ["--epochs", "--e", "--verbose", "--v", "--train_path", "--test_path", "--checkpoints",
+    # the VGG exercise's flags and aliases, and the course's own
+    flags_named = {"train": ["--epochs", "--e", "--verbose", "--v", "--train_path", "--test_path", "--checkpoints",
                          "--train_batch", "--test_batch", "--learning_rate", "--lr", "--momentum", "--m",
                          "--serialize", "--s", "--smoke", "--seed", "--device", "--workers", "--resume",
                          "--fast-augment", "--amp", "--channels-last", "--compile", "--dry-run", "--arch",
                          "--recipe"],
                "test": ["--model", "--test_path", "--tp", "--batch", "--confusion", "--cm", "--out"],
                "predict": ["--model", "--plot", "--top"]}[command]
-    assert set(seed003) <= set(entries)
+    assert set(flags_named) <= set(entries)
     if command == "train":
         # the recipe flags come from helpers.config.Recipe, each with every recipe's default
         assert {"--peak-epoch", "--patience", "--dropout", "--weight-decay", "--weight_decay"} <= set(entries)
@@ -754,3 +754,13 @@ def test_notebook_04s_full_run_is_recorded_in_results(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "results" / "reference_runs.py"), "--record-notebook", str(alone),
                            "--out", str(out)], cwd=REPO, env=smoke_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "resnet9_last.pt (the run's training checkpoint" in proc.stderr
+
+
+def test_the_reference_recipe_is_the_default_and_keeps_its_former_name():
+    """--recipe reference (the default) or tuned; 'seed', its name before 'seed' meant only an RNG
+    seed, still parses as reference."""
+    from helpers.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train"]).recipe == parse(["train", "--recipe", "seed"]).recipe == "reference"
+    assert parse(["train", "--recipe", "tuned"]).recipe == "tuned"
