@@ -123,8 +123,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this course (no architecture recorded): "
                               "save models with helpers.checkpoint.save_checkpoint")
     if ckpt.get("format", FORMAT) > FORMAT:
-        raise NewerCheckpointError(f"{path} was written in checkpoint format {ckpt['format']}, newer than this code's "
-                              f"{FORMAT}: update the course code (git pull)")
+        raise NewerCheckpointError(f"{path} was written in checkpoint format {ckpt['format']}, newer than this "
+                                   f"code's {FORMAT}: update the course code (git pull)")
     if isinstance(ckpt.get("history"), dict):
         ckpt["history"] = upgrade_history(ckpt["history"])
     return ckpt

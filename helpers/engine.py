@@ -168,6 +168,11 @@ class EarlyStopping:
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
         else:
             self.bad_epochs += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """True once `patience` epochs in a row brought no better metric."""
         return self.bad_epochs >= self.patience
 
     def stop_message(self, epoch: int, eval_name: str = "test") -> str:
@@ -233,7 +238,7 @@ class TrainingState:
                 part.load_state_dict(ckpt[key])
         self.history, start = ckpt["history"], ckpt["epoch"] + 1
         set_rng_state(ckpt["rng"])
-        stopped = self.stopper is not None and self.stopper.bad_epochs >= self.stopper.patience
+        stopped = self.stopper is not None and self.stopper.stopped
         if is_main():
             log(f"resumed after epoch {start} of {epochs} (from {Path(path).name})"
                 + (": the run had stopped early there" if stopped else ""))
